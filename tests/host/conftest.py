@@ -120,9 +120,8 @@ def run_graph(host):
 @pytest.fixture
 def sample(host):
     """Vanilla ComfyUI sampling of a LATENT dict, as KSampler does it (deterministic)."""
-    import torch
-
     import comfy.sample
+    import torch
 
     def _sample(model, positive, negative, latent: dict, *, steps=10, cfg=7.0, sampler="ddim",
                 scheduler="ddim_uniform", seed=0, denoise=1.0, add_noise=True, sigmas=None):

@@ -1,0 +1,38 @@
+# comfyui-dreammatcher developer commands. Everything installs itself on first use.
+#   make test     set up the pinned host (first run: a few minutes) and run every test tier
+#   make serve    start the embedded ComfyUI with this pack on http://127.0.0.1:8188
+#   make run      run the example workflow headless on a random-weight checkpoint
+#   make bench    AMA / guidance cost vs plain ComfyUI sampling (ratios)
+#   make bench-core  matching kernels vs a naive implementation
+# COMFYUI_PATH=/path/to/ComfyUI make test|serve  uses another ComfyUI checkout.
+
+PY := .venv/bin/python
+PORT ?= 8188
+SERVE_BASE ?= $(CURDIR)/.host/serve
+
+.PHONY: setup test lint serve run bench bench-core clean
+
+setup:
+	@bash scripts/setup_host.sh
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest tests -q -ra
+
+serve: setup
+	@bash scripts/serve.sh $(PORT) "$(SERVE_BASE)"
+
+run: setup
+	$(PY) scripts/run_example.py
+
+bench: setup
+	$(PY) benchmarks/bench_sampling.py
+
+bench-core: setup
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf .venv .host
