@@ -110,7 +110,7 @@ def run_graph(host):
         host.server.messages.clear()
         ex.execute(prompt, prompt_id, {}, outputs)
         if not ex.success:
-            errors = [d for e, d in host.server.messages if e == "execution_error"]
+            errors = [d for e, d in ex.status_messages if e == "execution_error"]
             raise AssertionError(f"graph failed: {errors}")
         return ex.history_result["outputs"]
 
