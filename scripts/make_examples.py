@@ -48,8 +48,9 @@ def main() -> None:
                             await window.app.loadApiJson(api, name + '.json');
                             const g = window.app.graph;
                             if (g.arrange) g.arrange();
-                            return g.serialize();
+                            return JSON.stringify(g.serialize());
                         }""", [api, name])
+                    ui = json.loads(ui)
                     types = sorted({n["type"] for n in ui["nodes"]})
                     assert len(ui["nodes"]) == len(api), (name, len(ui["nodes"]), len(api))
                     (out_dir / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")

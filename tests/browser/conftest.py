@@ -1,0 +1,57 @@
+"""Browser tier: Debian's headless Chromium, driven by Python Playwright, on the real server.
+
+No browser is ever downloaded (never ``playwright install``): Playwright only drives the
+system binary (``/usr/bin/chromium``, installed by ``scripts/setup_host.sh``; override with
+``DM_CHROMIUM``). Every request that does not go to the loopback test server is aborted, so the
+tier cannot touch the network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("DM_CHROMIUM", "/usr/bin/chromium")
+#: host-setup.md's flags. Playwright adds ``--headless`` and its own empty ``--user-data-dir``.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+APP_READY_JS = """() => !!(window.app && window.app.graph && window.app.canvas && window.LiteGraph
+    && window.app.extensionManager
+    && Object.keys(window.LiteGraph.registered_node_types || {}).length > 100)"""
+
+
+@pytest.fixture(scope="module")
+def frontend(comfy_server):
+    """A page with the ComfyUI frontend loaded and its app ready; yields ``(page, errors)``.
+
+    Shared by the tests of a module (starting Chromium and the frontend costs ~10 s on two
+    cores); tests close dialogs and toasts they leave behind. ``errors`` collects uncaught
+    page errors. The first-run templates dialog is turned off through the server's settings
+    API (as a returning user would have it).
+    """
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"no Chromium at {CHROMIUM}: run `make test` (it installs Debian's chromium) "
+                    "or `apt-get install -y chromium`, or set DM_CHROMIUM")
+    from playwright.sync_api import sync_playwright
+
+    comfy_server.post_json("/settings", {"Comfy.TutorialCompleted": True})
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+                                     timeout=60_000)
+        try:
+            context = browser.new_context(viewport={"width": 1600, "height": 1000})
+            context.route("**/*", lambda route: route.continue_()
+                          if route.request.url.startswith(comfy_server.url) else route.abort())
+            page = context.new_page()
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_function(APP_READY_JS, timeout=120_000)
+            yield page, errors
+        finally:
+            browser.close()
