@@ -39,3 +39,9 @@ class MatchConfig:
     mask_mode: str = "soft"
     subject: str = ""
     subject_tokens: tuple[int, ...] = field(default_factory=tuple)
+    #: The target prompt text the subject was resolved in (for messages and the inspector).
+    target_prompt: str = ""
+    #: Optional user MASK overriding the automatic foreground mask: ``None`` or a holder
+    #: (``nodes.match.MaskOverride``) whose ``.tensor`` is a ComfyUI MASK ``[B, H, W]`` in 0..1 on
+    #: the CPU; its ``__deepcopy__`` returns itself, so clones never copy the tensor.
+    mask: object | None = None

@@ -1,0 +1,153 @@
+// DreamMatcher correspondence inspector (frontend extension).
+//
+// When DM_SemanticMatch has run as an inspector, its `ui.dm_match` payload carries the reference
+// and target previews (temp files) and, per target cell, the matched reference cell, the
+// confidence and the soft mask. This extension shows reference | target side by side on the node;
+// hovering a target pixel marks its matched reference pixel and shows the confidence there.
+// Written against the public extension API only (app.registerExtension, node.onExecuted,
+// node.addDOMWidget). Without it, the node still works and shows its composite via ui.images.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const NODE = "DM_SemanticMatch";
+
+function viewUrl(file) {
+  const q = new URLSearchParams({ filename: file.filename, subfolder: file.subfolder || "", type: file.type || "temp" });
+  return api.apiURL(`/view?${q.toString()}`);
+}
+
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = reject;
+    img.src = src;
+  });
+}
+
+function buildPanel() {
+  const root = document.createElement("div");
+  root.className = "dm-inspector";
+  root.style.cssText = "display:flex;flex-direction:column;gap:4px;width:100%;font:11px sans-serif;color:#ddd";
+  const row = document.createElement("div");
+  row.style.cssText = "display:flex;gap:6px;width:100%";
+  const ref = document.createElement("canvas");
+  const tgt = document.createElement("canvas");
+  ref.className = "dm-ref";
+  tgt.className = "dm-tgt";
+  for (const c of [ref, tgt]) c.style.cssText = "flex:1 1 0;min-width:0;width:50%;image-rendering:pixelated";
+  tgt.style.cursor = "crosshair";
+  row.append(ref, tgt);
+  const info = document.createElement("div");
+  info.className = "dm-info";
+  info.textContent = "reference | target — hover the target";
+  root.append(row, info);
+  return { root, ref, tgt, info };
+}
+
+function draw(panel, marker) {
+  const { ref, tgt, data, refImg, tgtImg } = panel;
+  if (!refImg || !tgtImg) return;
+  const rc = ref.getContext("2d");
+  rc.drawImage(refImg, 0, 0, ref.width, ref.height);
+  const tc = tgt.getContext("2d");
+  tc.drawImage(tgtImg, 0, 0, tgt.width, tgt.height);
+  if (!marker) return;
+  const [ht, wt] = data.grid;
+  const [hr, wr] = data.ref_grid;
+  const cellT = { w: tgt.width / wt, h: tgt.height / ht };
+  const cellR = { w: ref.width / wr, h: ref.height / hr };
+  const conf = data.confidence[marker.cell];
+  const colour = conf ? "#30ff60" : "#ff4040";
+  // target cell outline
+  tc.strokeStyle = colour;
+  tc.lineWidth = 2;
+  tc.strokeRect(marker.tx * cellT.w, marker.ty * cellT.h, cellT.w, cellT.h);
+  // matched reference cell: crosshair + circle
+  const cx = (marker.rx + 0.5) * cellR.w;
+  const cy = (marker.ry + 0.5) * cellR.h;
+  const r = Math.max(4, 1.5 * Math.max(cellR.w, cellR.h));
+  rc.strokeStyle = colour;
+  rc.lineWidth = 2;
+  rc.beginPath();
+  rc.arc(cx, cy, r, 0, 2 * Math.PI);
+  rc.moveTo(cx - 2 * r, cy);
+  rc.lineTo(cx + 2 * r, cy);
+  rc.moveTo(cx, cy - 2 * r);
+  rc.lineTo(cx, cy + 2 * r);
+  rc.stroke();
+}
+
+function onHover(panel, ev) {
+  const data = panel.data;
+  if (!data) return;
+  const rect = panel.tgt.getBoundingClientRect();
+  if (rect.width <= 0 || rect.height <= 0) return;
+  const [ht, wt] = data.grid;
+  const [, wr] = data.ref_grid;
+  const tx = Math.min(wt - 1, Math.max(0, Math.floor(((ev.clientX - rect.left) / rect.width) * wt)));
+  const ty = Math.min(ht - 1, Math.max(0, Math.floor(((ev.clientY - rect.top) / rect.height) * ht)));
+  const cell = ty * wt + tx;
+  const m = data.match[cell];
+  const marker = { cell, tx, ty, rx: m % wr, ry: Math.floor(m / wr) };
+  draw(panel, marker);
+  const conf = data.confidence[cell];
+  const mask = data.mask[cell];
+  panel.info.textContent = `target (${tx},${ty}) → reference (${marker.rx},${marker.ry}) · confidence ${conf} · mask ${mask.toFixed(2)}`;
+  // state for tests and other tools
+  const ds = panel.root.dataset;
+  ds.targetCell = `${tx},${ty}`;
+  ds.markerCell = `${marker.rx},${marker.ry}`;
+  ds.markerX = String((marker.rx + 0.5) * (panel.ref.width / wr));
+  ds.markerY = String((marker.ry + 0.5) * (panel.ref.height / data.ref_grid[0]));
+  ds.confidence = String(conf);
+}
+
+async function show(node, data) {
+  let panel = node.__dmPanel;
+  if (!panel) {
+    panel = buildPanel();
+    node.__dmPanel = panel;
+    if (typeof node.addDOMWidget !== "function") return; // old frontend: the ui.images preview remains
+    node.addDOMWidget("dm_inspector", "dm_inspector", panel.root, { serialize: false, hideOnZoom: false });
+    panel.tgt.addEventListener("mousemove", (ev) => onHover(panel, ev));
+    panel.tgt.addEventListener("mouseleave", () => draw(panel, null));
+  }
+  panel.data = data;
+  try {
+    const [refImg, tgtImg] = await Promise.all([loadImage(viewUrl(data.reference)), loadImage(viewUrl(data.target))]);
+    panel.refImg = refImg;
+    panel.tgtImg = tgtImg;
+    panel.ref.width = refImg.naturalWidth;
+    panel.ref.height = refImg.naturalHeight;
+    panel.tgt.width = tgtImg.naturalWidth;
+    panel.tgt.height = tgtImg.naturalHeight;
+    draw(panel, null);
+    panel.root.dataset.ready = "1";
+    node.setSize?.([Math.max(node.size[0], 420), Math.max(node.size[1], node.computeSize?.()[1] ?? 0)]);
+    node.setDirtyCanvas?.(true, true);
+  } catch (err) {
+    panel.info.textContent = "DreamMatcher inspector: could not load the previews";
+    console.warn("[dreammatcher]", err);
+  }
+}
+
+app.registerExtension({
+  name: "dreammatcher.inspector",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== NODE) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);
+      const data = message?.dm_match?.[0];
+      if (data) {
+        try {
+          show(this, data);
+        } catch (err) {
+          console.warn("[dreammatcher] inspector unavailable:", err);
+        }
+      }
+      return r;
+    };
+  },
+});
