@@ -18,7 +18,8 @@ def _common(steps: int = 50, size: int = 512) -> dict:
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
         "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
         "3": {"class_type": "ImageScale", "inputs": {
-            "image": ["2", 0], "upscale_method": "bilinear", "width": size, "height": size, "crop": "center"}},
+            "image": ["2", 0], "upscale_method": "bilinear", "width": size, "height": size,
+            "crop": "center"}},
         "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": REF_PROMPT, "clip": ["1", 1]}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
@@ -45,7 +46,8 @@ def ama(steps: int = 50, size: int = 512) -> dict:
         "model": ["10", 0], "seed": 42, "steps": steps, "cfg": 7.5, "sampler_name": "ddim",
         "scheduler": "ddim_uniform", "positive": ["8", 0], "negative": ["6", 0], "latent_image": ["11", 0],
         "denoise": 1.0}}
-    g["14"] = {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "dreammatcher/ama"}}
+    g["14"] = {"class_type": "SaveImage",
+               "inputs": {"images": ["13", 0], "filename_prefix": "dreammatcher/ama"}}
     return g
 
 
@@ -57,7 +59,8 @@ def full(steps: int = 50, size: int = 512) -> dict:
         "scheduler": "ddim_uniform", "positive": ["8", 0], "negative": ["6", 0], "latent_image": ["11", 0],
         "denoise": 1.0, "guidance_scale": 50.0, "guidance_start": 0.08, "guidance_end": 1.0, "mode": "fast",
         "match": ["9", 0]}}
-    g["14"] = {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "dreammatcher/full"}}
+    g["14"] = {"class_type": "SaveImage",
+               "inputs": {"images": ["13", 0], "filename_prefix": "dreammatcher/full"}}
     return g
 
 

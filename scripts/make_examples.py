@@ -38,8 +38,8 @@ def main() -> None:
                 browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 1600, "height": 1000})
                 page.goto(server.url, wait_until="domcontentloaded")
-                page.wait_for_function("window.app && window.app.graph && window.app.graph.nodes !== undefined",
-                                       timeout=120_000)
+                ready = "window.app && window.app.graph && window.app.graph.nodes !== undefined"
+                page.wait_for_function(ready, timeout=120_000)
                 for name, build in EXAMPLES.items():
                     api = build()
                     (out_dir / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
