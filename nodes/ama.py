@@ -1,0 +1,111 @@
+"""``DM_AMAPatch`` ("AMA Model Patch"): DreamMatcher's reference branch as a MODEL patch.
+
+MODEL + DM_REFERENCE → MODEL. Any stock sampler (KSampler, KSamplerAdvanced, SamplerCustom…) then
+generates the target with the reference's appearance injected through Appearance Matching
+Self-Attention (method.md §0, §5): the target keeps its own Q/K (structure), its V in the chosen
+decoder self-attention layers moves towards the reference V warped along the semantic
+correspondence, gated by cycle-consistency confidence and the subject's soft foreground mask.
+The per-run machinery is in :mod:`.ama_runtime`; ComfyUI plumbing in :mod:`.host`.
+
+The input names and widget order are a public contract (saved workflows):
+model, reference, strength, start_percent, end_percent, layer_preset, custom_layers,
+features (optional), match (optional), mask (optional).
+"""
+
+from __future__ import annotations
+
+from . import host
+from .ama_runtime import HOLDER_KEY, PRESETS, AMAPatch, resolve_settings
+from .host import require_node_api
+from .types import CATEGORY, DMFeatures, DMMatch, DMReference
+
+io = require_node_api().io
+
+
+def patch_model(model, reference, strength: float = 1.0, start_percent: float = 0.08,
+                end_percent: float = 1.0, layer_preset: str = PRESETS[0], custom_layers: str = "",
+                features=None, match=None, mask=None):
+    """Return a patched clone of ``model`` (the input MODEL is never mutated).
+
+    Raises ValueError early and clearly: reference made for another model family, unknown preset
+    or layers, a second AMA patch on the same model.
+    """
+    if reference is None or not hasattr(reference, "trajectory"):
+        raise ValueError("Connect a DM_REFERENCE (from DM_InvertReference or DM_LoadReference) to "
+                         "'reference'.")
+    reference.check_model(model)
+    if host.has_keyed_wrapper(model, "outer_sample", host.AMA_WRAPPER_KEY):
+        raise ValueError("This MODEL already carries a DreamMatcher AMA patch; use one AMA Model Patch per "
+                         "model (connect the unpatched model instead).")
+    layout = host.unet_layout(model)
+    settings = resolve_settings(layout, strength=strength, start_percent=start_percent,
+                                end_percent=end_percent, layer_preset=layer_preset,
+                                custom_layers=custom_layers, features=features, match=match, mask=mask)
+    patched = model.clone()
+    holder = AMAPatch(settings, reference)
+    holder.install(patched)
+    patched.model_options["transformer_options"][HOLDER_KEY] = holder
+    return patched
+
+
+class AMAModelPatch(io.ComfyNode):
+    """Inject the reference's appearance into any sampler through Appearance Matching Self-Attention."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DM_AMAPatch",
+            display_name="AMA Model Patch",
+            category=CATEGORY,
+            description=(
+                "DreamMatcher: patches the MODEL so that any sampler generates your prompt with the "
+                "reference subject's appearance. The target keeps its own layout (queries/keys); in the "
+                "chosen decoder layers its values move towards the reference values, warped along a "
+                "semantic correspondence and gated by its confidence and the subject's mask. Sample with "
+                "the same steps and scheduler as DM_InvertReference."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (the same family the reference was "
+                                                "inverted with; LoRAs may come before or after this node)."),
+                DMReference.Input("reference", tooltip="The inverted reference from DM_InvertReference."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the reference appearance is injected (1 = official "
+                                       "DreamMatcher, 0 = the unpatched model)."),
+                io.Float.Input("start_percent", default=0.08, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of the active part of the schedule (official 0.08 = step 4 of "
+                                       "50). Earlier steps keep the target's own layout forming."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the active part of the schedule (official 1.0 = last step)."),
+                io.Combo.Input("layer_preset", options=list(PRESETS), default=PRESETS[0],
+                               tooltip="Decoder self-attention layers that get AMA. 'paper': the two finest "
+                                       "decoder resolutions (official; SD1.5 output blocks 6-11, SDXL 0-5); "
+                                       "'all decoder': every decoder attention block; 'custom': the "
+                                       "custom_layers list."),
+                io.String.Input("custom_layers", default="",
+                                tooltip="With layer_preset 'custom': decoder output-block ids, e.g. "
+                                        "'6,7,8,9,10,11' or '6-11' (every transformer block of each)."),
+                DMFeatures.Input("features", optional=True,
+                                 tooltip="Optional DM_FEATURES from Extract Diffusion Features: which "
+                                         "decoder features build the matching descriptor and its PCA size "
+                                         "(default: the official layers, PCA 256)."),
+                DMMatch.Input("match", optional=True,
+                              tooltip="Optional DM_MATCH from Semantic Match: λc, mask mode and the subject "
+                                      "words whose cross-attention forms the foreground mask (default: "
+                                      "λc 0.4, no subject → the whole image)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional MASK of the subject in the target; overrides the automatic "
+                                      "cross-attention mask (resized to every layer)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL",
+                                     tooltip="The patched model; use it in any sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, reference, strength: float = 1.0, start_percent: float = 0.08,
+                end_percent: float = 1.0, layer_preset: str = PRESETS[0], custom_layers: str = "",
+                features=None, match=None, mask=None) -> io.NodeOutput:
+        return io.NodeOutput(patch_model(model, reference, strength, start_percent, end_percent, layer_preset,
+                                         custom_layers, features, match, mask))
+
+
+NODES = [AMAModelPatch]
