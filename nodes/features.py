@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .config import FeatureConfig
 from .host import require_node_api
-from .types import CATEGORY, DMFeatures
+from .types import CATEGORY, DMFeatures, inspector_noise_inputs
 
 io = require_node_api().io
 log = logging.getLogger("dreammatcher")
@@ -193,15 +193,7 @@ class ExtractFeatures(io.ComfyNode):
                     "conditioning", optional=True,
                     tooltip="Inspector only: prompt for the feature pass (default: an all-zero prompt).",
                 ),
-                io.Float.Input(
-                    "noise_percent", default=0.25, min=0.0, max=0.99, step=0.01, optional=True,
-                    tooltip="Inspector only: how far into the noise schedule the latents are noised before "
-                            "the feature pass (0 = clean, 0.99 = almost pure noise).",
-                ),
-                io.Int.Input(
-                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
-                    tooltip="Inspector only: seed of the noise added to the latents (deterministic).",
-                ),
+                *inspector_noise_inputs(),
             ],
             outputs=[
                 DMFeatures.Output("features",

@@ -27,7 +27,7 @@ from .config import FeatureConfig, MatchConfig
 from .features import blank_image, feature_layers, upscale_view
 from .host import require_node_api
 from .subject import resolve_subject
-from .types import CATEGORY, DMFeatures, DMMatch
+from .types import CATEGORY, DMFeatures, DMMatch, inspector_noise_inputs
 
 io = require_node_api().io
 log = logging.getLogger("dreammatcher")
@@ -309,15 +309,7 @@ class SemanticMatch(io.ComfyNode):
                     tooltip="Inspector only: the target as an IMAGE (encoded with 'vae' if 'target' is not "
                             "connected).",
                 ),
-                io.Float.Input(
-                    "noise_percent", default=0.25, min=0.0, max=0.99, step=0.01, optional=True,
-                    tooltip="Inspector only: how far into the noise schedule the latents are noised before "
-                            "the feature pass (0 = clean, 0.99 = almost pure noise).",
-                ),
-                io.Int.Input(
-                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
-                    tooltip="Inspector only: seed of the noise added to the latents (deterministic).",
-                ),
+                *inspector_noise_inputs(),
             ],
             outputs=[
                 DMMatch.Output("match", tooltip="Matching configuration for DM_AMAPatch."),
