@@ -504,3 +504,50 @@ def test_stock_ksampler_graph(run_graph):
     first = run_graph(prompt)
     second = run_graph(prompt)
     assert "8" in first and first["8"] == second["8"]
+
+
+def _local_self_attention(func, q, k, v, heads, *args, **kwargs):
+    """``optimized_attention_override``: self-attention becomes the identity (token i reads V_i).
+
+    With near-uniform attention (random tiny UNets) any change of V spreads over the whole image,
+    which hides *where* AMA injects. Making self-attention local keeps each token's output its own
+    value, so the output change can be compared with the gate per pixel. Cross-attention and
+    reshaped call forms run the real kernel.
+    """
+    if q.shape[1] == k.shape[1] and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape"):
+        return v
+    return func(q, k, v, heads, *args, **kwargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_output_change_concentrates_where_gate_is_high_with_local_attention(layout, dm, tiny, refs):
+    model, ref = refs(layout)
+    local = model.clone()
+    local.model_options["transformer_options"]["optimized_attention_override"] = _local_self_attention
+    sig = ref.trajectory.sigmas
+    pos, neg = tiny.cond(7), tiny.cond(6)
+    xs = euler_path(local, pos, neg, tiny.latent(8)["samples"] * sig[0], sig, cfg=1.0)
+    p = patch(dm, local, ref, start_percent=0.0, match=dm("nodes.config").MatchConfig(subject_tokens=(2, 3)))
+    gates: dict[int, torch.Tensor] = {}
+
+    def obs(ev, call, **k):
+        if ev == "match":
+            g = (k["match"].mask * k["match"].confidence)[0, 0]
+            if call.step not in gates or g.numel() > gates[call.step].numel():
+                gates[call.step] = g
+
+    holder_of(dm, p).observers.append(obs)
+    plain = replay(local, pos, neg, xs, sig, cfg=1.0)
+    ours = replay(p, pos, neg, xs, sig, cfg=1.0)
+    hi_sum = lo_sum = 0.0
+    for step, g in gates.items():
+        delta = (ours[step] - plain[step]).abs().mean(1)[0]
+        g = torch.nn.functional.interpolate(g[None, None], size=delta.shape, mode="nearest")[0, 0]
+        if (g >= 0.5).any() and (g < 0.5).any():
+            hi_sum += float(delta[g >= 0.5].mean())
+            lo_sum += float(delta[g < 0.5].mean())
+    ratio = hi_sum / max(lo_sum, 1e-12)
+    print(f"\n[{layout}] local attention: mean |Δx0| where gate≥0.5 / gate<0.5 = {ratio:.2f} "
+          f"over {len(gates)} steps")
+    assert hi_sum > 0.0, "AMA must change the output where the gate is high"
+    assert ratio > 1.5
