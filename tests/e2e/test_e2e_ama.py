@@ -8,7 +8,7 @@ a textual-inversion embedding. The AMA image must differ from the same graph wit
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from images import render_png, write_reference_png
 
 STEPS = 6
 SIZE = 64
@@ -52,21 +52,12 @@ def _graph(m, *, ama: bool, prefix: str) -> dict:
 
 
 def _render(server, graph) -> np.ndarray:
-    entry = server.run(graph, timeout=300)
-    paths = server.output_images(entry)
-    assert len(paths) == 1, entry.get("outputs")
-    with Image.open(paths[0]) as im:
-        assert im.size == (SIZE, SIZE)
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
+    return render_png(server, graph, SIZE)
 
 
 def test_ama_graph_with_lora_and_ti_subject(comfy_server, e2e_models):
     server, m = comfy_server, e2e_models
-    rng = np.random.default_rng(5)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    img = np.stack([xx * 4, yy * 4, 255 - xx * 2], -1) % 256
-    img[16:48, 16:48] = rng.integers(0, 255, size=3)
-    Image.fromarray(img.astype(np.uint8)).save(server.base / "input" / "dm_e2e_reference.png")
+    write_reference_png(server.base / "input" / "dm_e2e_reference.png", SIZE, box=(16, 48, 16, 48), seed=5)
     log_start = len(server.log_text())
     ama = _render(server, _graph(m, ama=True, prefix="dm_e2e_ama"))
     plain = _render(server, _graph(m, ama=False, prefix="dm_e2e_plain"))

@@ -8,7 +8,7 @@ with guidance_scale 0 (which is plain DDIM with the AMA patch), and both must be
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from images import render_png, write_reference_png
 
 STEPS = 6
 SIZE = 64
@@ -41,21 +41,12 @@ def _graph(m, *, scale: float, mode: str, prefix: str) -> dict:
 
 
 def _render(server, graph) -> np.ndarray:
-    entry = server.run(graph, timeout=300)
-    paths = server.output_images(entry)
-    assert len(paths) == 1, entry.get("outputs")
-    with Image.open(paths[0]) as im:
-        assert im.size == (SIZE, SIZE)
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
+    return render_png(server, graph, SIZE)
 
 
 def test_invert_ama_guidance_decode_save(comfy_server, e2e_models):
     server, m = comfy_server, e2e_models
-    rng = np.random.default_rng(7)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    img = np.stack([xx * 4, yy * 4, 255 - xx * 2], -1) % 256
-    img[12:52, 20:44] = rng.integers(0, 255, size=3)
-    Image.fromarray(img.astype(np.uint8)).save(server.base / "input" / "dm_e2e_guidance_ref.png")
+    write_reference_png(server.base / "input" / "dm_e2e_guidance_ref.png", SIZE, box=(12, 52, 20, 44), seed=7)
     off = _render(server, _graph(m, scale=0.0, mode="exact", prefix="dm_e2e_mg_off"))
     exact = _render(server, _graph(m, scale=1000.0, mode="exact", prefix="dm_e2e_mg_exact"))
     fast = _render(server, _graph(m, scale=1000.0, mode="fast", prefix="dm_e2e_mg_fast"))

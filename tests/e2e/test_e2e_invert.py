@@ -6,9 +6,8 @@ the core reader and checked against the schedule and the reference latent.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
+from images import write_reference_png
 
 from dreammatcher_core.trajectory import Trajectory
 
@@ -18,9 +17,7 @@ SIZE = 64
 
 def test_invert_and_save_reference_on_a_real_server(comfy_server, e2e_models):
     server, m = comfy_server, e2e_models
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    img = np.stack([xx * 4, yy * 4, 255 - xx * 2], -1) % 256
-    Image.fromarray(img.astype(np.uint8)).save(server.base / "input" / "dm_e2e_invert.png")
+    write_reference_png(server.base / "input" / "dm_e2e_invert.png", SIZE)
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": m.checkpoint}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a sks dog"}},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from images import render_png
 from server_fixture import PACK_FOLDER, pack_node_ids
 
 STEPS = 4
@@ -39,13 +39,7 @@ def stock_graph(models, *, seed: int, prompt: str, lora_model: float = 1.0, lora
 
 
 def _render(server, graph: dict) -> np.ndarray:
-    entry = server.run(graph, timeout=180)
-    paths = server.output_images(entry)
-    assert len(paths) == 1, entry.get("outputs")
-    assert paths[0].suffix == ".png" and paths[0].is_file(), paths[0]
-    with Image.open(paths[0]) as im:
-        assert im.size == (SIZE, SIZE)
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
+    return render_png(server, graph, SIZE, timeout=180)
 
 
 def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
