@@ -30,6 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "host"))
+
+from testing_pack.tiny_models import init_weights  # noqa: E402
 
 
 def boot(tmp: Path):
@@ -75,14 +78,7 @@ def build_model(width: int, seed: int = 0):
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     mc.set_inference_dtype(dtype, None)
     model = mc.get_model({}, "", device=torch.device("cpu"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.ndim == 1:
-                p.copy_(torch.ones_like(p) if "norm" in name and name.endswith("weight")
-                        else torch.randn(p.shape, generator=gen) * 0.02)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+    init_weights(model, seed)  # the host tier's seeded initialisation (comfy ops leave torch.empty)
     model.to(dtype)
     offload = comfy.model_management.unet_offload_device()
     return comfy.model_patcher.ModelPatcher(model, dev, offload)

@@ -32,7 +32,7 @@ SDXL_TINY = dict(
 )
 
 
-def _init_weights(model: torch.nn.Module, seed: int) -> None:
+def init_weights(model: torch.nn.Module, seed: int) -> None:
     """comfy's ops leave weights as ``torch.empty``: initialise every parameter, seeded."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def build(layout: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float3
         raise ValueError(layout)
     mc.set_inference_dtype(dtype, None)
     model = mc.get_model({}, "", device=torch.device("cpu"))
-    _init_weights(model, seed)
+    init_weights(model, seed)
     model.to(dtype)
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
