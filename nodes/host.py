@@ -558,23 +558,6 @@ def _with_output_patch(model_options: dict, patch) -> dict:
     return mo
 
 
-def default_feature_layers(diffusion_model) -> tuple[int, ...]:
-    """The decoder blocks whose outputs form the matching descriptor by default.
-
-    The official SD1.x choice (outputs of output blocks 5 and 8, i.e. diffusers up_blocks[1]
-    and [2] after their upsamplers) is "the last two upsampling blocks"; the same rule gives
-    blocks 2 and 5 for the SDXL layout (outputs at 1/2 and full latent resolution). Block 11's
-    output never reaches an ``output_block_patch``, so it is never chosen.
-    """
-    blocks = diffusion_model.output_blocks
-    ups = [i for i, blk in enumerate(blocks)
-           if i < len(blocks) - 1 and any(type(m).__name__ == "Upsample" for m in blk.modules())]
-    if len(ups) < 2:
-        raise HostAPIError("Matching guidance could not find two upsampling decoder blocks in this model; "
-                           "it supports UNets with the SD1.5 / SDXL block layout.")
-    return tuple(ups[-2:])
-
-
 def guidance_window(model_sampling, start_percent: float, end_percent: float) -> tuple[float, float]:
     """(sigma_high, sigma_low): a step at sigma is guided when sigma_low <= sigma <= sigma_high.
 
@@ -613,7 +596,12 @@ class _GuidanceRun:
         self.device = x.device
         self.seed = extra_args.get("seed")
         self.window = guidance_window(self.base.model_sampling, spec.start_percent, spec.end_percent)
-        self.layers = spec.feature_layers or default_feature_layers(self.base.diffusion_model)
+        if spec.feature_layers:
+            self.layers = spec.feature_layers
+        else:  # the same per-layout default the AMA patch and the inspector use
+            from . import ama_runtime
+
+            self.layers = ama_runtime.default_feature_layers(unet_layout(self.guider.model_patcher))
         self.calc = comfy.samplers.calc_cond_batch
         self._ref_conds: list | None = None
         self.last: dict = {}
