@@ -3,7 +3,7 @@
 Submodules: ``matching`` (argmax flows, warp, cycle error, confidence), ``features`` (co-PCA
 descriptors), ``masks`` (cross-attention foreground masks, attention-grid geometry), ``ama``
 (appearance-matching value injection), ``guidance`` (semantic matching guidance), ``viz`` (debug
-images) and ``trajectory`` (stored reference trajectories).
+images), ``diagnostics`` (per-step gate figures) and ``trajectory`` (stored reference trajectories).
 
 Importing the package imports nothing heavy; submodules load on first attribute access
 (``dreammatcher_core.matching``) or by ``import dreammatcher_core.matching``.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["ama", "features", "guidance", "masks", "matching", "trajectory", "viz"]
+__all__ = ["ama", "diagnostics", "features", "guidance", "masks", "matching", "trajectory", "viz"]
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -46,7 +46,9 @@ Stable API for other nodes (the Matching Guidance sampler, the inspector), all t
 ``model_options`` a sampler receives in ``extra_args["model_options"]``:
 :func:`get_run`, :func:`current_match` (flows, cycle error, confidence, mask, sigma, step of the latest
 matched step), :func:`current_features` (reference and target decoder features captured by the latest
-pass) and :func:`reference_latent`. Pure helpers: :func:`ama_blocks`, :func:`mask_blocks`,
+pass) and :func:`reference_latent`. Diagnostics of the last finished run (per-step confidence
+coverage, mask area, gate > 0.5; logged at DEBUG, summarised at INFO): :func:`last_diagnostics`
+on a patched MODEL. Pure helpers: :func:`ama_blocks`, :func:`mask_blocks`,
 :func:`default_feature_layers`, :func:`describe`. ``AMAPatch.observers`` receive ``("match", call=,
 chunk=, row=, match=)`` and ``("inject", call=, key=, chunk=, row=, hw=, delta=, gate=)`` events.
 """
@@ -99,6 +101,12 @@ def _ama():
     from ..dreammatcher_core import ama
 
     return ama
+
+
+def _diag():
+    from ..dreammatcher_core import diagnostics
+
+    return diagnostics
 
 
 # ==================================================================================== settings
@@ -342,6 +350,9 @@ class RunState:
         self.flows: dict = {}
         self.latest: dict = {}
         self.cur_step = -1
+        #: Per-step gate figures of the cond rows (diagnostics), at the finest resolution matched.
+        self.figures = _diag().StepLog()
+        self._figure_area: dict[tuple[int, int], int] = {}
         self.stats = {"ref_passes": 0, "ref_rows": 0, "target_calls": 0, "injected": 0, "descriptors": 0,
                       "flows": 0, "skipped_no_features": 0, "off_schedule": 0}
 
@@ -377,6 +388,7 @@ class RunState:
         for d in (self.ref_v, self.ref_feats, self.tgt_feats, self.cond_masks, self.desc, self.flows,
                   self.latest):
             d.clear()
+        self.figures = _diag().StepLog()
 
     # ---------------------------------------------------------------- reference pass
     def reference_pass(self, executor, step: int, types: list[int], x, t, c_crossattn, transformer_options,
@@ -560,10 +572,30 @@ class RunState:
                                           self.holder.settings.lambda_c)
                 info = Match(m.flow_t2r, m.flow_r2t, m.cycle_err, conf, mask, m.sigma, m.step)
                 self.latest[(call.slots[c], r, tuple(hw_t))] = info
+                self.record_figures(call, c, r, info)
                 for obs in self.holder.observers:
                     obs("match", call=call, chunk=c, row=r, match=info)
                 call.gates[key] = (mask * conf).to(device)
         return call.gates[key]
+
+    def record_figures(self, call: CallState, c: int, r: int, info: Match) -> None:
+        """Diagnostics: remember the gate figures of cond row ``r`` at this step's finest resolution.
+
+        Only the first cond chunk is recorded (uncond rows reuse the cond mask, and their figures
+        would double-count); no host synchronisation happens here (see ``StepLog``).
+        """
+        if call.slots[c] != (0, 0) or info.confidence is None or info.mask is None:
+            return
+        key = (call.step, r)
+        area = info.confidence.shape[-1] * info.confidence.shape[-2]
+        if area < self._figure_area.get(key, 0):
+            return
+        self._figure_area[key] = area
+        self.figures.record(call.step, r, info.sigma, _diag().gate_figures(info.confidence, info.mask))
+
+    def diagnostics(self) -> list:
+        """The run's per-step :class:`~dreammatcher_core.diagnostics.StepFigures` (step order)."""
+        return self.figures.summary()
 
     # ---------------------------------------------------------------- attention
     def on_self_attn(self, call: CallState, key3, q, k, v, extra_options) -> torch.Tensor:
@@ -632,6 +664,10 @@ class AMAPatch:
         self.observers: list[Callable] = []
         #: Counters of the last finished run (no tensors), for tests and logs.
         self.last_stats: dict = {}
+        #: Per-step diagnostics of the last finished run (plain floats; see :func:`last_diagnostics`).
+        self.last_diagnostics: list = []
+        #: Number of runs this patch has finished (lets a report say which run it describes).
+        self.runs = 0
 
     def __deepcopy__(self, memo):
         return self
@@ -649,6 +685,25 @@ class AMAPatch:
         host.add_output_block_patch(patcher, self._make_output_block_patch())
         host.add_keyed_wrapper(patcher, "outer_sample", host.AMA_WRAPPER_KEY, self._make_outer_sample())
         host.add_keyed_wrapper(patcher, "apply_model", host.AMA_WRAPPER_KEY, self._make_apply_model())
+
+    def finish_run(self, run: RunState) -> None:
+        """Keep the run's diagnostics (floats only) and log them: a summary line at INFO when anything
+        was injected, one line per step at DEBUG."""
+        self.runs += 1
+        try:
+            steps = run.diagnostics()
+        except Exception:  # diagnostics must never mask the sampler's own exception
+            log.debug("DreamMatcher AMA: diagnostics unavailable", exc_info=True)
+            steps = []
+        self.last_diagnostics = steps
+        if not run.active:
+            return
+        diag = _diag()
+        log.info("DreamMatcher AMA: %s", diag.format_summary(steps))
+        for f in steps:
+            log.debug("DreamMatcher AMA step %d (sigma %.4g): confidence coverage %.3f, mask area %.3f, "
+                      "gate>0.5 %.3f (%d row%s)", f.step, f.sigma, f.confidence_coverage, f.mask_area,
+                      f.gate_above_half, f.rows, "" if f.rows == 1 else "s")
 
     def resolve_delegates(self, transformer_options: dict) -> dict:
         """Delegates for this run: the install-time replace, or a 2-tuple replace another pack added
@@ -720,6 +775,7 @@ class AMAPatch:
                 return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
             finally:
                 holder.last_stats = dict(run.stats, active_steps=sorted(run.active))
+                holder.finish_run(run)
                 run.close()
                 if previous is None:
                     topts.pop(RUN_KEY, None)
@@ -809,6 +865,26 @@ def current_features(model_options: dict, *, chunk_type: int = 0, row: int = 0, 
     if tgt is None or ref is None:
         return None
     return ref, tgt, step
+
+
+def holder_of(model) -> AMAPatch | None:
+    """The AMA patch carried by a MODEL (ModelPatcher), or None if it was not patched."""
+    options = getattr(model, "model_options", None) or {}
+    holder = options.get("transformer_options", {}).get(HOLDER_KEY)
+    return holder if isinstance(holder, AMAPatch) else None
+
+
+def last_diagnostics(model) -> tuple[int, list] | None:
+    """``(run number, [StepFigures, ...])`` of the last sampling run of an AMA-patched MODEL.
+
+    None if the model carries no AMA patch. The patch (and so this record) is shared by every clone
+    of the patched model, so the figures are those of the most recent run of *any* sampler that used
+    it; the run number tells runs apart.
+    """
+    holder = holder_of(model)
+    if holder is None:
+        return None
+    return holder.runs, list(holder.last_diagnostics)
 
 
 def reference_latent(model_options: dict, sigma: float) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ NODE_MODULES: tuple[str, ...] = (
     "match",
     "ama",
     "guidance",
+    "diagnostics",
 )
 
 

@@ -14,8 +14,9 @@ Input names and order are a public contract (saved workflows).
 
 from __future__ import annotations
 
-from . import host
+from . import ama_runtime, host
 from .config import FeatureConfig, MatchConfig
+from .diagnostics import diagnostics_report
 from .host import require_node_api
 from .types import CATEGORY, DMFeatures, DMMatch, DMReference
 
@@ -135,7 +136,10 @@ class MatchingGuidanceSampler(io.ComfyNode):
             check(model)
         out = host.guidance_sample(model, spec, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
                                    positive=positive, negative=negative, latent=latent_image, denoise=denoise)
-        return io.NodeOutput(out)
+        if ama_runtime.holder_of(model) is None:
+            return io.NodeOutput(out)
+        # The sampler runs after the patch, so it can show what AMA did in this very run.
+        return io.NodeOutput(out, ui=require_node_api().ui.PreviewText(diagnostics_report(model)[0]))
 
 
 class MatchingGuidance(io.ComfyNode):

@@ -1,0 +1,97 @@
+"""``DM_AMADiagnostics`` ("AMA Diagnostics"): what the AMA patch did in the last sampling run.
+
+The AMA patch records, per sampling step, the confidence coverage, the foreground-mask area and the
+fraction of cells whose gate ``mask × confidence`` exceeds 0.5 (``dreammatcher_core.diagnostics``).
+The patch node itself runs *before* sampling, so it cannot show them; this node takes the sampler's
+output LATENT only to run *after* it, passes it through unchanged, and shows the figures as text and
+a small plot on the node (and as STRING / IMAGE outputs).
+
+Input names and order are a public contract (saved workflows).
+"""
+
+from __future__ import annotations
+
+from . import ama_runtime
+from .host import require_node_api
+from .types import CATEGORY
+
+io = require_node_api().io
+
+
+def _diag():
+    from ..dreammatcher_core import diagnostics
+
+    return diagnostics
+
+
+def diagnostics_report(model) -> tuple[str, list]:
+    """``(text, steps)`` describing the last run of an AMA-patched ``model``.
+
+    Raises ValueError if the model carries no AMA patch. A model that has not sampled yet, or a run
+    in which nothing was injected, gives an explanatory text and no steps (not an error: the graph
+    still produces its image).
+    """
+    found = ama_runtime.last_diagnostics(model)
+    if found is None:
+        raise ValueError("AMA Diagnostics needs the MODEL that went through 'AMA Model Patch' (or a node "
+                         "after it, e.g. a LoRA loader). This MODEL carries no AMA patch.")
+    runs, steps = found
+    if runs == 0:
+        return ("The patched model has not sampled yet. Connect 'latent' to the output of the sampler "
+                "that uses this MODEL, so this node runs after it."), []
+    holder = ama_runtime.holder_of(model)
+    stats = dict(holder.last_stats) if holder is not None else {}
+    head = f"AMA run #{runs}: "
+    if steps:
+        return head + _diag().format_table(steps), steps
+    if not stats.get("active_steps"):
+        why = ("no sampling step fell inside the start/end window, or strength is 0. Widen "
+               "start_percent/end_percent or raise strength.")
+    else:
+        why = ("the window's steps had no previous-step features to match (the window must not start at "
+               "the first step), or the sampler evaluated off the reference's schedule.")
+    return head + "nothing was injected: " + why, []
+
+
+class AMADiagnostics(io.ComfyNode):
+    """Per-step figures of the last AMA run: confidence coverage, mask area, gate > 0.5."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DM_AMADiagnostics",
+            display_name="AMA Diagnostics",
+            category=CATEGORY,
+            description=(
+                "Shows what 'AMA Model Patch' did in the last sampling run, per step: confidence coverage "
+                "(cycle-consistent share of the target), mask area (subject share) and the share of the "
+                "target where the gate mask × confidence is above 0.5, i.e. where the reference appearance "
+                "is actually injected. Low numbers explain a weak effect. Put it after the sampler."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The AMA-patched MODEL the sampler used (the output of "
+                                                "'AMA Model Patch', or of a node after it)."),
+                io.Latent.Input("latent", tooltip="The sampler's output LATENT: connecting it makes this "
+                                                  "node run after sampling. It is passed through unchanged."),
+            ],
+            outputs=[
+                io.Latent.Output("latent_out", display_name="LATENT",
+                                 tooltip="The input latent, unchanged (so the node can sit between the "
+                                         "sampler and VAE Decode)."),
+                io.String.Output("report", tooltip="The per-step table as text."),
+                io.Image.Output("plot", tooltip="The three figures against the step: blue coverage, "
+                                                "orange mask area, green gate > 0.5 (grid at 0, 0.5, 1)."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, latent) -> io.NodeOutput:
+        text, steps = diagnostics_report(model)
+        plot = _diag().plot_figures(steps)
+        api = require_node_api()
+        ui = {"text": [text], "images": api.ui.PreviewImage(plot, cls=cls).values}
+        return io.NodeOutput(latent, text, plot, ui=ui)
+
+
+NODES = [AMADiagnostics]

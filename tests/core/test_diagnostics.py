@@ -1,0 +1,81 @@
+"""Tests for dreammatcher_core.diagnostics: per-step gate figures with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreammatcher_core import diagnostics as D
+
+
+def _maps():
+    """4x4 maps with hand-countable figures: conf covers 12 of 16 cells, mask 0.75 on 8 cells."""
+    conf = torch.ones(1, 1, 4, 4)
+    conf[..., 0, :] = 0.0  # first row unconfident
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :, :2] = 0.75  # left half
+    return conf, mask
+
+
+def test_gate_figures_known_answer():
+    conf, mask = _maps()
+    cov, area, gate = D.gate_figures(conf, mask).tolist()
+    assert cov == pytest.approx(12 / 16)
+    assert area == pytest.approx(0.75 * 8 / 16)
+    # gate = conf*mask > 0.5 on the left half minus the first row: 2 columns x 3 rows
+    assert gate == pytest.approx(6 / 16)
+    # the threshold is strict: a gate of exactly 0.5 is not "above half"
+    assert D.gate_figures(torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5))[2] == 0.0
+    with pytest.raises(ValueError, match="share"):
+        D.gate_figures(conf, torch.ones(1, 1, 2, 2))
+
+
+def test_step_log_replaces_and_averages_rows():
+    log = D.StepLog()
+    a = torch.tensor([1.0, 0.5, 0.25])
+    b = torch.tensor([0.0, 0.5, 0.75])
+    log.record(3, 0, 2.5, torch.tensor([9.0, 9.0, 9.0]))
+    log.record(3, 0, 2.5, a)  # the same (step, row) again: replaces
+    log.record(3, 1, 2.5, b)
+    log.record(1, 0, 7.0, b)
+    assert len(log) == 3
+    s = log.summary()
+    assert [x.step for x in s] == [1, 3]  # step order, not insertion order
+    assert s[0].sigma == 7.0 and s[0].rows == 1
+    assert (s[1].confidence_coverage, s[1].mask_area, s[1].gate_above_half) == (0.5, 0.5, 0.5)
+    assert s[1].rows == 2
+    assert s[1].as_dict()["gate_above_half"] == 0.5
+    assert D.StepLog().summary() == []
+
+
+def test_format_table_and_summary():
+    steps = [D.StepFigures(2, 9.5, 0.8, 0.25, 0.2, 1), D.StepFigures(4, 3.25, 0.6, 0.75, 0.4, 1)]
+    text = D.format_table(steps)
+    lines = text.splitlines()
+    assert lines[0] == ("2 matched steps (2..4): mean confidence coverage 70.0%, mask area 50.0%, "
+                        "gate > 0.5 30.0%")
+    assert len(lines) == 4 and lines[2].split() == ["2", "9.5000", "80.0%", "25.0%", "20.0%"]
+    assert D.format_table([]) == "no step was matched"
+
+
+def test_plot_figures_draws_each_curve_at_its_value():
+    h, w = 106, 206  # plot area: y 6..99 (93 px tall), x 6..199
+    steps = [D.StepFigures(i, 1.0, 1.0, 0.0, 0.5, 1) for i in range(5)]
+    img = D.plot_figures(steps, height=h, width=w)
+    assert img.shape == (1, h, w, 3) and img.dtype == torch.float32
+    assert float(img.min()) >= 0 and float(img.max()) <= 1
+    col = 100  # a column away from the line ends
+    blue, orange, green = (torch.tensor(c) for c in D.COLOURS)
+
+    def rows_with(colour):
+        return [y for y in range(h) if torch.allclose(img[0, y, col], colour)]
+
+    assert rows_with(blue) and all(abs(y - 6) <= 1 for y in rows_with(blue))  # coverage 1 at the top
+    assert rows_with(orange) and all(abs(y - 99) <= 1 for y in rows_with(orange))  # mask 0 at the bottom
+    assert rows_with(green) and all(abs(y - 52.5) <= 1.5 for y in rows_with(green))  # 0.5 in the middle
+    empty = D.plot_figures([], height=h, width=w)
+    assert not any(torch.allclose(empty[0, y, col], blue) for y in range(h))  # grid only
+    one = D.plot_figures(steps[:1], height=h, width=w)
+    assert torch.allclose(one[0, 6, w // 2], blue)  # a single step is a tick in the middle
+    with pytest.raises(ValueError):
+        D.plot_figures(steps, height=8)
