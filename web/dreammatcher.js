@@ -1,4 +1,10 @@
-// DreamMatcher correspondence inspector (frontend extension).
+// DreamMatcher frontend extensions.
+//
+// 1. "dreammatcher.report": every DM_* node that returns `ui.text` (the inverter's reconstruction
+//    error, AMA Diagnostics' per-step table, the guidance sampler's AMA figures, the inspector's
+//    coverage) shows that text in a read-only panel on the node, because the stock frontend has no
+//    generic text display.
+// 2. "dreammatcher.inspector", the correspondence inspector, described below.
 //
 // When DM_SemanticMatch has run as an inspector, its `ui.dm_match` payload carries the reference
 // and target previews (temp files) and, per target cell, the matched reference cell, the
@@ -131,6 +137,62 @@ async function show(node, data) {
     console.warn("[dreammatcher]", err);
   }
 }
+
+function showReport(node, lines) {
+  let pre = node.__dmReport;
+  if (!pre) {
+    if (typeof node.addDOMWidget !== "function") return; // old frontend: nothing to show it with
+    pre = document.createElement("pre");
+    pre.className = "dm-report";
+    pre.style.cssText =
+      "margin:0;padding:4px 6px;max-height:260px;overflow:auto;white-space:pre-wrap;font:11px/14px monospace;" +
+      "color:#ddd;background:rgba(0,0,0,0.25);border-radius:4px;user-select:text;box-sizing:border-box";
+    // Room for every line, wrapped ones included, up to the max-height (the panel scrolls beyond it).
+    // The frontend gives a DOM widget its height minus a 10 px margin above and below: add it back.
+    const rows = () => (pre.textContent || "").split("\n").length;
+    const widget = node.addDOMWidget("dm_report", "dm_report", pre, {
+      serialize: false,
+      hideOnZoom: false,
+      getMinHeight: () => Math.min(260, Math.max(14 * rows() + 12, pre.scrollHeight || 0)) + 20,
+    });
+    if (widget) widget.serialize = false; // never part of widgets_values (saved workflows stay stable)
+    node.__dmReport = pre;
+  }
+  pre.textContent = lines.join("\n");
+  pre.dataset.nodeType = node.type || node.comfyClass || "";
+  // grow the node to fit, now and once the frontend has laid out the rest of the output (e.g. images)
+  const fit = () => {
+    const need = node.computeSize?.() ?? node.size;
+    const w = Math.max(node.size[0], 420);
+    const h = Math.max(node.size[1], need[1]);
+    if (w !== node.size[0] || h !== node.size[1]) node.setSize?.([w, h]);
+    node.setDirtyCanvas?.(true, true);
+  };
+  fit();
+  requestAnimationFrame(fit);
+  setTimeout(fit, 300);
+  setTimeout(fit, 1500);
+}
+
+app.registerExtension({
+  name: "dreammatcher.report",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!nodeData?.name?.startsWith("DM_")) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);
+      const text = message?.text;
+      if (Array.isArray(text) && text.length) {
+        try {
+          showReport(this, text.map(String));
+        } catch (err) {
+          console.warn("[dreammatcher] report unavailable:", err);
+        }
+      }
+      return r;
+    };
+  },
+});
 
 app.registerExtension({
   name: "dreammatcher.inspector",
