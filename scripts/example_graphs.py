@@ -48,6 +48,9 @@ def ama(steps: int = 50, size: int = 512) -> dict:
         "denoise": 1.0}}
     g["14"] = {"class_type": "SaveImage",
                "inputs": {"images": ["13", 0], "filename_prefix": "dreammatcher/ama"}}
+    # what AMA did per step (coverage, mask area, gate > 0.5), between the sampler and the decoder
+    g["15"] = {"class_type": "DM_AMADiagnostics", "inputs": {"model": ["10", 0], "latent": ["12", 0]}}
+    g["13"]["inputs"]["samples"] = ["15", 0]
     return g
 
 
