@@ -4,13 +4,14 @@
 #   make run      run the example workflow headless on a random-weight checkpoint
 #   make bench    AMA / guidance cost vs plain ComfyUI sampling (ratios)
 #   make bench-core  matching kernels vs a naive implementation
+#   make gpu-check   GPU parity, timing and peak VRAM (on a CUDA machine; writes $OUT or ./gpu-out)
 # COMFYUI_PATH=/path/to/ComfyUI make test|serve  uses another ComfyUI checkout.
 
 PY := .venv/bin/python
 PORT ?= 8188
 SERVE_BASE ?= $(CURDIR)/.host/serve
 
-.PHONY: setup test lint serve run bench bench-core clean
+.PHONY: setup test lint serve run bench bench-core gpu-check clean
 
 setup:
 	@bash scripts/setup_host.sh
@@ -33,6 +34,9 @@ bench: setup
 
 bench-core: setup
 	$(PY) benchmarks/bench_core.py
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf .venv .host

@@ -15,6 +15,11 @@ the "narrow" 320/1,1,1,1 variant the e2e tier uses), so the attention layers, re
 counts are SD1.5's. Memory is the sampled resident-set high-water mark above the RSS right before
 each run (psutil, 2 ms period); on a GPU it is ``torch.cuda.max_memory_allocated`` above the
 allocation before the run.
+
+``--layout sd15`` / ``--layout sdxl`` use the *full* SD1.5 / SDXL UNet layouts instead (channel
+multipliers, transformer depths, context and ADM sizes of the real models; ``--width`` still sets the
+base channel count, 320 for the real sizes). ``benchmarks/gpu_check.py`` drives ``measure`` with these
+on a GPU (fp16 weights, a warm-up run of every method, a time budget).
 """
 
 from __future__ import annotations
@@ -34,15 +39,52 @@ sys.path.insert(0, str(REPO / "tests" / "host"))
 
 from testing_pack.tiny_models import init_weights  # noqa: E402
 
+#: UNet layouts. "narrow" is the SD1.5 layout at channel_mult 1,1,1,1 (the e2e tier's model); "sd15" and
+#: "sdxl" are the full layouts as ``comfy.model_detection`` detects them for the real checkpoints.
+LAYOUTS: dict[str, dict] = {
+    "narrow": dict(
+        use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False,
+        adm_in_channels=None, in_channels=4, out_channels=4,
+        num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], channel_mult=[1, 1, 1, 1],
+        transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768,
+        use_temporal_resblock=False, use_temporal_attention=False,
+    ),
+    "sd15": dict(
+        use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+        adm_in_channels=None, in_channels=4, num_res_blocks=[2, 2, 2, 2],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+        use_linear_in_transformer=False, context_dim=768, num_heads=8,
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        use_temporal_attention=False, use_temporal_resblock=False,
+    ),
+    "sdxl": dict(
+        use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+        num_classes="sequential", adm_in_channels=2816, in_channels=4, num_res_blocks=[2, 2, 2],
+        transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+        use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+        use_temporal_attention=False, use_temporal_resblock=False,
+    ),
+}
+#: SDXL's pooled CLIP-G embedding, part of its ADM conditioning.
+SDXL_POOLED_DIM = 1280
+METHODS = ("vanilla", "invert", "ama", "mg-fast", "mg-exact")
 
-def boot(tmp: Path):
+
+def boot(tmp: Path, extras: bool = True):
+    """Start ComfyUI in-process (temp dirs) and load this pack; return the pack's module name.
+
+    ``extras=False`` skips ComfyUI's ``comfy_extras`` node files (the pack needs none of them; their
+    optional dependencies, e.g. kornia or spandrel, may be missing on a bare GPU image).
+    """
     from comfy_env import put_comfy_first_on_path
 
     put_comfy_first_on_path()
     import torch
     from comfy.cli_args import args
 
-    args.cpu = not torch.cuda.is_available()
+    args.cpu = args.cpu or not torch.cuda.is_available()
     import folder_paths
 
     for sub in ("input", "output", "temp", "custom_nodes"):
@@ -52,36 +94,77 @@ def boot(tmp: Path):
     folder_paths.set_temp_directory(str(tmp / "temp"))
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if extras:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    else:
+        asyncio.run(nodes.init_public_apis())
     link = tmp / "custom_nodes" / "dreammatcher"
     link.symlink_to(REPO, target_is_directory=True)
     assert asyncio.run(nodes.load_custom_node(str(link), ignore=set(nodes.NODE_CLASS_MAPPINGS)))
     return str(link).replace(".", "_x_")
 
 
-def build_model(width: int, seed: int = 0):
+def init_weights_on_device(model, seed: int) -> None:
+    """``init_weights``' seeded initialisation drawn from a generator on the parameters' own device.
+
+    Same distributions as the host tier's ``init_weights`` (which draws on the CPU and copies): used
+    for models built directly on a GPU, where drawing billions of numbers on the CPU would dominate.
+    """
+    import torch
+
+    params = sorted(model.named_parameters())
+    dev = params[0][1].device
+    if dev.type == "cpu":
+        init_weights(model, seed)
+        return
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in params:
+            if p.ndim == 1:
+                if "norm" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen, device=dev) * 0.02)
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen, device=dev) / fan_in**0.5)
+
+
+def build_model(width: int, seed: int = 0, layout: str = "narrow", dtype=None, build_on_device: bool = False):
+    """A seeded random-weight ``ModelPatcher`` of the given UNet layout (see ``LAYOUTS``).
+
+    ``dtype`` defaults to fp16 on CUDA and fp32 elsewhere. ``build_on_device`` allocates and initialises
+    the weights on the load device (fast for the full layouts on a GPU); otherwise they are built on
+    the CPU with the host tier's ``init_weights`` and moved by ComfyUI's model management.
+    """
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
     import torch
 
-    cfg = dict(
-        use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False,
-        adm_in_channels=None, in_channels=4, out_channels=4, model_channels=width,
-        num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], channel_mult=[1, 1, 1, 1],
-        transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768,
-        use_temporal_resblock=False, use_temporal_attention=False,
-    )
-    mc = comfy.supported_models.SD15(cfg)
+    cfg = dict(LAYOUTS[layout], model_channels=width)
+    mc = (comfy.supported_models.SDXL if layout == "sdxl" else comfy.supported_models.SD15)(cfg)
     dev = comfy.model_management.get_torch_device()
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
     mc.set_inference_dtype(dtype, None)
-    model = mc.get_model({}, "", device=torch.device("cpu"))
-    init_weights(model, seed)  # the host tier's seeded initialisation (comfy ops leave torch.empty)
+    model = mc.get_model({}, "", device=dev if build_on_device else torch.device("cpu"))
+    init_weights_on_device(model, seed)  # comfy ops leave torch.empty
     model.to(dtype)
     offload = comfy.model_management.unet_offload_device()
     return comfy.model_patcher.ModelPatcher(model, dev, offload)
+
+
+def make_cond(seed: int, layout: str = "narrow", size: int = 256) -> list:
+    """A CONDITIONING without CLIP: seeded token embeddings (plus SDXL's pooled/size conds)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ctx = LAYOUTS[layout]["context_dim"]
+    extra = {}
+    if layout == "sdxl":
+        extra = {"pooled_output": torch.randn(1, SDXL_POOLED_DIM, generator=g), "width": size, "height": size}
+    return [[torch.randn(1, 77, ctx, generator=g), extra]]
 
 
 class PeakMemory:
@@ -122,6 +205,145 @@ class PeakMemory:
             self.extra = max(0, self.peak - self.base)
 
 
+def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, layout="narrow", dtype=None,
+            build_on_device=False, warmup_all=False, deadline=None, methods=METHODS, log=print,
+            model=None, seed=0, record_errors=False):
+    """Time and measure every method against vanilla sampling of the same model in this process.
+
+    ``pack`` is the module name ``boot`` returned. Returns ``{"results": {name: {...}}, "context": {...}}``.
+    Each result holds the per-run times, their median, the peak extra memory (bytes) and, for the
+    samplers, the output latent of the last run. ``warmup_all`` runs every method once untimed first;
+    without it only vanilla is warmed up, as ``make bench`` always did (a whole timed round, printed,
+    then discarded). ``deadline`` (a ``time.perf_counter()`` value) skips the methods and repeats that
+    would not end before it, judged by the method's last run. ``model`` reuses a built ModelPatcher.
+    ``record_errors`` stores a method's exception as ``{"error": ...}`` and goes on with the next one.
+    """
+    import torch
+
+    dm = lambda sub: importlib.import_module(f"{pack}.{sub}")  # noqa: E731
+    import comfy.sample
+
+    if model is None:
+        model = build_model(width, seed, layout, dtype, build_on_device)
+    lat = size // 8
+    gen = torch.Generator().manual_seed(1)
+    ref_latent = {"samples": torch.randn(1, 4, lat, lat, generator=gen) * 0.8}
+    tgt_latent = {"samples": torch.zeros(batch, 4, lat, lat)}
+    pos, neg, ref_pos = (make_cond(s, layout, size) for s in (2, 3, 4))
+    config = dm("nodes.config")
+    match = config.MatchConfig(subject="sks dog", subject_tokens=(4, 5))
+    cuda = torch.cuda.is_available() and model.load_device.type == "cuda"
+
+    results: dict[str, dict] = {}
+    out_holder: dict[str, object] = {}
+    base: dict[str, int] = {}
+
+    def run_once(fn) -> tuple[float, int]:
+        with PeakMemory() as pm:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        base["bytes"] = pm.base
+        return dt, pm.extra
+
+    def timed(name, fn, warmup: bool):
+        if deadline is not None and time.perf_counter() >= deadline:
+            log(f"  {name:10s} skipped (time budget)")
+            results[name] = {"skipped": "time budget"}
+            return
+        if not record_errors:
+            _timed(name, fn, warmup)
+            return
+        try:
+            _timed(name, fn, warmup)
+        except Exception as exc:  # noqa: BLE001 - reported, the next method still runs
+            import traceback
+
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            out_holder.pop("out", None)
+            log(f"  {name:10s} FAILED: {type(exc).__name__}: {exc}")
+
+    def _timed(name, fn, warmup: bool):
+        times, mem, warm_s = [], 0, None
+        if warmup:
+            warm_s, _ = run_once(fn)
+        last = warm_s
+        for _ in range(repeats):
+            if deadline is not None and times and time.perf_counter() + (last or 0.0) > deadline:
+                break
+            dt, extra = run_once(fn)
+            times.append(dt)
+            last = dt
+            mem = max(mem, extra)
+        med = statistics.median(times)
+        results[name] = {"times_s": times, "median_s": med, "peak_extra_bytes": mem, "warmup_s": warm_s,
+                         "base_bytes": base.get("bytes"), "out": out_holder.pop("out", None)}
+        log(f"  {name:10s} {med:8.2f} s   peak extra {mem / 2**20:8.1f} MiB")
+
+    invert = dm("nodes.invert").DM_InvertReference
+    holder = {}
+
+    def do_invert():
+        holder["ref"] = invert.execute(model, ref_latent, ref_pos, steps=steps, scheduler="ddim_uniform",
+                                       cfg=1.0)[0]
+
+    def plain_sample(m):
+        x = tgt_latent["samples"]
+        noise = comfy.sample.prepare_noise(x, 0)
+        out_holder["out"] = comfy.sample.sample(m, noise, steps, 7.5, "ddim", "ddim_uniform", pos, neg, x,
+                                                seed=0, disable_pbar=True)
+
+    def do_vanilla():
+        plain_sample(model)
+
+    log(f"DreamMatcher sampling benchmark: {_layout_name(layout, width)}, {size}x{size} px, "
+        f"batch {batch}, {steps} DDIM steps, cfg 7.5, device {model.load_device}, "
+        f"torch threads {torch.get_num_threads()}")
+    if warmup_all:
+        timed("vanilla", do_vanilla, warmup=True)  # the warm-up also loads the model
+    else:  # make bench's historical warm-up: a full timed round, printed, then discarded
+        timed("vanilla", do_vanilla, warmup=False)
+        results.pop("vanilla")
+        timed("vanilla", do_vanilla, warmup=False)
+    timed("invert", do_invert, warmup=warmup_all)
+    ref = holder.get("ref")
+    patched = None
+    if ref is not None:
+        patched = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match)
+    guidance = dm("nodes.guidance").MatchingGuidanceSampler
+
+    def do_ama():
+        plain_sample(patched)
+
+    def do_mg(mode):
+        out = guidance.execute(patched, ref, 0, steps, 7.5, "ddim_uniform", pos, neg, tgt_latent, 1.0, 50.0,
+                               0.08, 1.0, mode, match=match)
+        out_holder["out"] = out[0]["samples"]
+
+    samplers = (("ama", do_ama), ("mg-fast", lambda: do_mg("fast")), ("mg-exact", lambda: do_mg("exact")))
+    for name, fn in samplers:
+        if name not in methods:
+            continue
+        if patched is None:
+            results[name] = {"skipped": "no reference (invert skipped)"}
+            log(f"  {name:10s} skipped (no reference)")
+            continue
+        timed(name, fn, warmup=warmup_all)
+
+    context = {"model": model, "patched": patched, "reference": ref, "positive": pos, "negative": neg,
+               "target_latent": tgt_latent, "match": match, "steps": steps, "size": size, "layout": layout}
+    return {"results": results, "context": context}
+
+
+def _layout_name(layout: str, width: int) -> str:
+    if layout == "narrow":
+        return f"SD1.5 layout width {width}"
+    return f"full {'SD1.5' if layout == 'sd15' else 'SDXL'} layout width {width}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--width", type=int, default=320)
@@ -129,92 +351,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="narrow",
+                    help="UNet layout: narrow SD1.5 (default), full sd15 or full sdxl")
+    ap.add_argument("--warmup-all", action="store_true", help="run every method once untimed first")
     a = ap.parse_args()
 
     import tempfile
 
-    import torch
-
     tmp = Path(tempfile.mkdtemp(prefix="dm-bench-"))
-    pack = boot(tmp)
-    dm = lambda sub: importlib.import_module(f"{pack}.{sub}")  # noqa: E731
-    import comfy.sample
-
-    model = build_model(a.width)
-    lat = a.size // 8
-    gen = torch.Generator().manual_seed(1)
-    ref_latent = {"samples": torch.randn(1, 4, lat, lat, generator=gen) * 0.8}
-    tgt_latent = {"samples": torch.zeros(a.batch, 4, lat, lat)}
-
-    def cond(seed):
-        g = torch.Generator().manual_seed(seed)
-        return [[torch.randn(1, 77, 768, generator=g), {}]]
-
-    pos, neg, ref_pos = cond(2), cond(3), cond(4)
-    config = dm("nodes.config")
-    match = config.MatchConfig(subject="sks dog", subject_tokens=(4, 5))
-
-    results: dict[str, tuple[float, float]] = {}
-
-    def timed(name, fn):
-        times, mem = [], 0.0
-        for _ in range(a.repeats):
-            with PeakMemory() as pm:
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    fn()
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            mem = max(mem, pm.extra)
-        results[name] = (statistics.median(times), mem)
-        med = statistics.median(times)
-        print(f"  {name:10s} {med:8.2f} s   peak extra {mem / 2**20:8.1f} MiB", flush=True)
-
-    invert = dm("nodes.invert").DM_InvertReference
-    holder = {}
-
-    def do_invert():
-        holder["ref"] = invert.execute(model, ref_latent, ref_pos, steps=a.steps, scheduler="ddim_uniform",
-                                       cfg=1.0)[0]
-
-    def plain_sample(m):
-        x = tgt_latent["samples"]
-        noise = comfy.sample.prepare_noise(x, 0)
-        comfy.sample.sample(m, noise, a.steps, 7.5, "ddim", "ddim_uniform", pos, neg, x, seed=0,
-                            disable_pbar=True)
-
-    def do_vanilla():
-        plain_sample(model)
-
-    print(f"DreamMatcher sampling benchmark: SD1.5 layout width {a.width}, {a.size}x{a.size} px, "
-          f"batch {a.batch}, {a.steps} DDIM steps, cfg 7.5, device {model.load_device}, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
-    timed("vanilla", do_vanilla)  # also warms up
-    results.pop("vanilla")
-    timed("vanilla", do_vanilla)
-    timed("invert", do_invert)
-    ref = holder["ref"]
-    patched = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match)
-
-    def do_ama():
-        plain_sample(patched)
-
-    timed("ama", do_ama)
-    guidance = dm("nodes.guidance").MatchingGuidanceSampler
-
-    for mode in ("fast", "exact"):
-        def do_mg(mode=mode):
-            guidance.execute(patched, ref, 0, a.steps, 7.5, "ddim_uniform", pos, neg, tgt_latent, 1.0, 50.0,
-                             0.08, 1.0, mode, match=match)
-
-        timed(f"mg-{mode}", do_mg)
-
-    base_t, base_m = results["vanilla"]
+    out = measure(boot(tmp), a.width, a.size, a.steps, a.repeats, a.batch, layout=a.layout,
+                  warmup_all=a.warmup_all, log=lambda s: print(s, flush=True))
+    results = {k: v for k, v in out["results"].items() if "median_s" in v}
+    base_t, base_m = results["vanilla"]["median_s"], results["vanilla"]["peak_extra_bytes"]
     print()
     print("| method | time (s) | × vanilla | peak extra memory (MiB) |")
     print("|---|---|---|---|")
-    for name, (t, m) in results.items():
+    for name, r in results.items():
+        t, m = r["median_s"], r["peak_extra_bytes"]
         print(f"| {name} | {t:.2f} | {t / base_t:.2f} | {m / 2**20:.0f} |")
     print(f"\n(vanilla peak extra memory {base_m / 2**20:.0f} MiB; ratios are wall time / vanilla wall time, "
           f"median of {a.repeats} runs)")

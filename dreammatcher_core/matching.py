@@ -98,13 +98,18 @@ def _unit_rows(feat: Tensor) -> Tensor:
     """
     c = feat.shape[0]
     dtype = torch.float64 if feat.dtype == torch.float64 else torch.float32
-    cols = feat.reshape(c, -1).to(dtype)
+    # The normalisation runs in float64 and is rounded once to the work dtype. WHY: a float32 sum of
+    # squares depends on the summation order, which differs between CPU and CUDA kernels; a last-bit
+    # difference in a unit row changes its quantised integers and can flip near-ties, so the same
+    # features matched differently on CPU and GPU (measured on an H200: 5% of pixels for rank-2
+    # descriptors). In float64 the order only moves bits far below float32's rounding.
+    cols = feat.reshape(c, -1).to(torch.float64)
     # sum of squares over the contiguous channel axis: vectorised across pixels, several times faster on
     # CPU than ``vector_norm`` over dim 0
     norm = (cols * cols).sum(dim=0, keepdim=True).sqrt_()
     if not bool(torch.isfinite(norm).all()):
-        raise ValueError("features contain NaN or Inf (or values too large to square in float32)")
-    return (cols / norm.clamp_min_(torch.finfo(dtype).tiny)).T
+        raise ValueError("features contain NaN or Inf")
+    return (cols / norm.clamp_min_(torch.finfo(dtype).tiny)).to(dtype).T
 
 
 def _quantise(unit: Tensor) -> Tensor:
@@ -671,8 +676,10 @@ def cycle_error(flow_t2r: Tensor, flow_r2t: Tensor) -> Tensor:
     if flow_t2r.shape[0] != flow_r2t.shape[0]:
         raise ValueError(f"flow batch sizes differ: {flow_t2r.shape[0]} vs {flow_r2t.shape[0]}")
     back = warp(flow_r2t.to(flow_t2r.dtype), flow_t2r)
-    d = flow_t2r + back
-    return torch.sqrt(d[:, 0:1] * d[:, 0:1] + d[:, 1:2] * d[:, 1:2])
+    d = (flow_t2r + back).to(torch.float64)
+    # float64 then one rounding: float32 sqrt kernels may differ in the last bit between devices, and
+    # the confidence thresholds this value, so CPU and GPU must agree (float64 sqrt is IEEE everywhere)
+    return torch.sqrt(d[:, 0:1] * d[:, 0:1] + d[:, 1:2] * d[:, 1:2]).to(flow_t2r.dtype)
 
 
 def confidence(cycle_err: Tensor, fg_mask: Tensor, lambda_c: float) -> Tensor:
