@@ -483,8 +483,9 @@ def test_schedule_mismatch_fails_clearly(dm, tiny, refs, sample):
 
 
 # ------------------------------------------------------------------------------------------ graph
-def test_stock_ksampler_graph(run_graph):
-    prompt = {
+def tiny_ama_graph() -> dict:
+    """API-graph nodes 1-6: tiny SD1.5 model, two conds, a latent, DM_InvertReference, DM_AMAPatch."""
+    return {
         "1": {"class_type": "DMTest_TinyModel", "inputs": {"layout": "sd15", "seed": 1}},
         "2": {"class_type": "DMTest_Cond", "inputs": {"seed": 1, "tokens": 77}},
         "3": {"class_type": "DMTest_Cond", "inputs": {"seed": 6, "tokens": 77}},
@@ -495,12 +496,18 @@ def test_stock_ksampler_graph(run_graph):
         "6": {"class_type": "DM_AMAPatch", "inputs": {
             "model": ["1", 0], "reference": ["5", 0], "strength": 1.0, "start_percent": 0.08,
             "end_percent": 1.0, "layer_preset": "paper (decoder 32²+64²)", "custom_layers": ""}},
+    }
+
+
+def test_stock_ksampler_graph(run_graph):
+    prompt = tiny_ama_graph()
+    prompt.update({
         "7": {"class_type": "KSampler", "inputs": {
             "model": ["6", 0], "positive": ["3", 0], "negative": ["2", 0], "latent_image": ["4", 0],
             "seed": 7, "steps": STEPS, "cfg": 5.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
             "denoise": 1.0}},
         "8": {"class_type": "PreviewAny", "inputs": {"source": ["7", 0]}},
-    }
+    })
     first = run_graph(prompt)
     second = run_graph(prompt)
     assert "8" in first and first["8"] == second["8"]

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from test_ama import STEPS, holder_of, patch, replay
+from test_ama import STEPS, holder_of, patch, replay, tiny_ama_graph
 
 SUBJECT = (2, 3)
 
@@ -63,7 +63,8 @@ def test_figures_match_an_independent_computation_and_the_debug_log(dm, tiny, re
         assert s.rows == 1
         assert 0.0 < s.mask_area < 1.0  # a soft subject mask, not the whole image
     assert len({s.confidence_coverage for s in steps}) > 1  # real per-step figures, not one constant
-    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and " step " in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records
+             if r.levelno == logging.DEBUG and " step " in r.getMessage()]
     assert len(lines) == STEPS - 1
     assert f"confidence coverage {steps[0].confidence_coverage:.3f}" in lines[0]
     assert f"gate>0.5 {steps[-1].gate_above_half:.3f}" in lines[-1]
@@ -122,18 +123,7 @@ def test_diagnostics_node(dm, tiny, ref_sd15, sample):
 
 
 def test_graph_ui_and_guidance_sampler_text(run_graph):
-    common = {
-        "1": {"class_type": "DMTest_TinyModel", "inputs": {"layout": "sd15", "seed": 1}},
-        "2": {"class_type": "DMTest_Cond", "inputs": {"seed": 1, "tokens": 77}},
-        "3": {"class_type": "DMTest_Cond", "inputs": {"seed": 6, "tokens": 77}},
-        "4": {"class_type": "DMTest_Latent", "inputs": {"seed": 3, "height": 16, "width": 16, "batch": 1}},
-        "5": {"class_type": "DM_InvertReference", "inputs": {
-            "model": ["1", 0], "reference": ["4", 0], "reference_positive": ["2", 0], "steps": STEPS,
-            "scheduler": "ddim_uniform", "cfg": 1.0}},
-        "6": {"class_type": "DM_AMAPatch", "inputs": {
-            "model": ["1", 0], "reference": ["5", 0], "strength": 1.0, "start_percent": 0.08,
-            "end_percent": 1.0, "layer_preset": "paper (decoder 32²+64²)", "custom_layers": ""}},
-    }
+    common = tiny_ama_graph()
     ks = dict(common)
     ks["7"] = {"class_type": "KSampler", "inputs": {
         "model": ["6", 0], "positive": ["3", 0], "negative": ["2", 0], "latent_image": ["4", 0],
