@@ -534,7 +534,16 @@ def argmax_flows(
 
 
 # --------------------------------------------------------------------------------------------- warping
-def _is_integral(flow: Tensor) -> bool:
+def _is_integral(flow: Tensor, integral: bool | None = None) -> bool:
+    """Whether ``flow`` takes the exact gather path.
+
+    ``integral=None`` inspects the values (two host synchronisations on a GPU); ``True``/``False`` is the
+    caller's guarantee, e.g. flows straight from :func:`argmax_flows` are always integral. WHY the
+    switch: the AMA runtime warps every AMA layer of every row at every step, and each check stalled
+    the CPU until the GPU had caught up (measured on an H200).
+    """
+    if integral is not None:
+        return bool(integral)
     return bool(torch.isfinite(flow).all()) and bool(torch.equal(flow, torch.round(flow)))
 
 
@@ -565,7 +574,7 @@ def _expand_factor(x_batch: int, flow_batch: int) -> int:
     return x_batch // flow_batch
 
 
-def warp(x_ref: Tensor, flow_t2r: Tensor) -> Tensor:
+def warp(x_ref: Tensor, flow_t2r: Tensor, *, integral: bool | None = None) -> Tensor:
     """Sample ``x_ref [B*k, C, Hr, Wr]`` at ``p + flow_t2r(p)`` for every target pixel ``p``.
 
     Returns ``[B*k, C, Ht, Wt]``.
@@ -581,6 +590,7 @@ def warp(x_ref: Tensor, flow_t2r: Tensor) -> Tensor:
       ``align_corners=True`` (pixel centres at ``2v/(size-1) - 1``) and ``padding_mode="zeros"``.
       Half/bfloat16 inputs are sampled in float32 and cast back (the official code warps in float32).
     Differentiable with respect to ``x_ref`` on both paths (the flow is treated as data).
+    ``integral=True`` promises integer flows (skips the check, see :func:`_is_integral`).
     """
     if x_ref.dim() != 4 or flow_t2r.dim() != 4 or flow_t2r.shape[1] != 2:
         raise ValueError(
@@ -590,7 +600,7 @@ def warp(x_ref: Tensor, flow_t2r: Tensor) -> Tensor:
     bk, c, hr, wr = x_ref.shape
     ht, wt = flow_t2r.shape[2], flow_t2r.shape[3]
     flow = flow_t2r.to(x_ref.device)
-    if _is_integral(flow):
+    if _is_integral(flow, integral):
         idx, valid = flow_to_indices(flow, (hr, wr))
         tokens = x_ref.reshape(bk, c, hr * wr).transpose(1, 2)
         out = _gather_tokens(tokens, idx, valid, k)  # [B*k, Ht*Wt, C]
@@ -607,7 +617,8 @@ def _gather_tokens(tokens: Tensor, idx: Tensor, valid: Tensor, k: int) -> Tensor
     offsets = torch.arange(bk, device=tokens.device).unsqueeze(1) * nr
     flat = tokens.reshape(bk * nr, d).index_select(0, (idx + offsets).reshape(-1))
     out = flat.reshape(bk, -1, d)
-    if not bool(valid.all()):
+    # on a GPU the select always runs: checking first would stall the CPU for a cheap elementwise op
+    if out.device.type != "cpu" or not bool(valid.all()):
         out = torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out
 
@@ -639,12 +650,14 @@ def _bilinear_warp(x_ref: Tensor, flow: Tensor, k: int) -> Tensor:
     return out.to(orig_dtype)
 
 
-def warp_tokens(tokens_ref: Tensor, flow_t2r: Tensor, ref_hw: tuple[int, int] | None = None) -> Tensor:
+def warp_tokens(tokens_ref: Tensor, flow_t2r: Tensor, ref_hw: tuple[int, int] | None = None, *,
+                integral: bool | None = None) -> Tensor:
     """:func:`warp` for ComfyUI's token layout: ``[B*k, Hr*Wr, D]`` -> ``[B*k, Ht*Wt, D]``.
 
     Token ``y*W + x`` is pixel ``(x, y)``.  The channel axis ``D`` may hold all heads (``heads*dim_head``):
     the flow is per pixel, not per head, so the gather moves whole tokens and never splits heads.
-    ``ref_hw`` defaults to the target grid (it must then have the same token count).
+    ``ref_hw`` defaults to the target grid (it must then have the same token count). ``integral`` as in
+    :func:`warp`.
     """
     if tokens_ref.dim() != 3:
         raise ValueError(f"tokens must be [B, N, D], got {tuple(tokens_ref.shape)}")
@@ -654,7 +667,7 @@ def warp_tokens(tokens_ref: Tensor, flow_t2r: Tensor, ref_hw: tuple[int, int] | 
         raise ValueError(f"reference grid {hr}x{wr} does not hold {tokens_ref.shape[1]} tokens; pass ref_hw")
     k = _expand_factor(tokens_ref.shape[0], flow_t2r.shape[0])
     flow = flow_t2r.to(tokens_ref.device)
-    if _is_integral(flow):
+    if _is_integral(flow, integral):
         idx, valid = flow_to_indices(flow, (hr, wr))
         return _gather_tokens(tokens_ref, idx, valid, k)
     bk, _, d = tokens_ref.shape
@@ -663,19 +676,19 @@ def warp_tokens(tokens_ref: Tensor, flow_t2r: Tensor, ref_hw: tuple[int, int] | 
 
 
 # --------------------------------------------------------------------------------------------- cycles
-def cycle_error(flow_t2r: Tensor, flow_r2t: Tensor) -> Tensor:
+def cycle_error(flow_t2r: Tensor, flow_r2t: Tensor, *, integral: bool | None = None) -> Tensor:
     """Forward-backward error ``[B,1,Ht,Wt]``: ``|F_t2r(p) + F_r2t(p + F_t2r(p))|`` in target pixels.
 
     That is the distance between p and the point reached by going to its reference match and back
     (official ``warp(F_r2t, F_t2r)`` form, method.md §5d).  A match that leaves the reference grid reads
     a zero backward flow (zeros padding), exactly like the official code.  The norm is computed as
-    ``sqrt(dx*dx + dy*dy)`` so integer Pythagorean cases are exact.
+    ``sqrt(dx*dx + dy*dy)`` so integer Pythagorean cases are exact. ``integral`` as in :func:`warp`.
     """
     if flow_t2r.dim() != 4 or flow_r2t.dim() != 4 or flow_t2r.shape[1] != 2 or flow_r2t.shape[1] != 2:
         raise ValueError("flows must be [B,2,H,W]")
     if flow_t2r.shape[0] != flow_r2t.shape[0]:
         raise ValueError(f"flow batch sizes differ: {flow_t2r.shape[0]} vs {flow_r2t.shape[0]}")
-    back = warp(flow_r2t.to(flow_t2r.dtype), flow_t2r)
+    back = warp(flow_r2t.to(flow_t2r.dtype), flow_t2r, integral=integral)
     d = (flow_t2r + back).to(torch.float64)
     # float64 then one rounding: float32 sqrt kernels may differ in the last bit between devices, and
     # the confidence thresholds this value, so CPU and GPU must agree (float64 sqrt is IEEE everywhere)

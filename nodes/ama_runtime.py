@@ -348,13 +348,15 @@ class RunState:
         self.cond_masks: dict[int, dict] = {}
         self.desc: dict = {}
         self.flows: dict = {}
+        #: (target grid, reference grid) pairs matched so far in this run (see :meth:`prefetch`).
+        self.match_grids: set = set()
         self.latest: dict = {}
         self.cur_step = -1
         #: Per-step gate figures of the cond rows (diagnostics), at the finest resolution matched.
         self.figures = _diag().StepLog()
         self._figure_area: dict[tuple[int, int], int] = {}
         self.stats = {"ref_passes": 0, "ref_rows": 0, "target_calls": 0, "injected": 0, "descriptors": 0,
-                      "flows": 0, "skipped_no_features": 0, "off_schedule": 0}
+                      "flows": 0, "skipped_no_features": 0, "off_schedule": 0, "prefetched": 0}
 
     def __deepcopy__(self, memo):
         return self
@@ -362,7 +364,7 @@ class RunState:
     # ---------------------------------------------------------------- steps
     def step_of(self, t: torch.Tensor) -> int | None:
         """Schedule index of the call's sigma (None if off-schedule or rows disagree)."""
-        tt = t.detach().float().reshape(-1)
+        tt = t.detach().float().reshape(-1).cpu()  # one host transfer, then CPU-only checks
         sigma = float(tt[0])
         if tt.numel() > 1 and not bool((tt == tt[0]).all()):
             return None
@@ -542,8 +544,34 @@ class RunState:
                 self.stats["descriptors"] += 1
         return self.desc[key]
 
+    def prefetch(self, step: int, cou: list[int], rows: int) -> None:
+        """Compute this step's correspondences *before* the step's UNet passes are queued.
+
+        They depend only on the previous step's features, so computing them here gives the same
+        results as computing them lazily at the first AMA layer. WHY: the PCA's eigen-solver and the
+        exact tie checks synchronise with the GPU; done mid-UNet, every synchronisation made the CPU
+        wait for the queued layers and then the GPU wait for the next launches (an H200 profile showed
+        the GPU idle most of an AMA step). The grids are those matched at earlier steps of this run
+        (the first matched step stays lazy).
+        """
+        if step not in self.active or not self.match_grids:
+            return
+        b = rows // max(1, len(cou))
+        occ: dict[int, int] = {}
+        for ty in cou:
+            slot = (ty, occ.get(ty, 0))
+            occ[ty] = occ.get(ty, 0) + 1
+            if slot[0] not in self.ref_feats.get(step - 1, {}):
+                continue
+            for r in range(b):
+                for hw_t, hw_r in sorted(self.match_grids):
+                    before = self.stats["flows"]
+                    self.match(step, slot, r, hw_t, hw_r)
+                    self.stats["prefetched"] += self.stats["flows"] - before
+
     def match(self, step: int, slot, r: int, hw_t, hw_r) -> Match | None:
         key = (step, slot, r, tuple(hw_t), tuple(hw_r))
+        self.match_grids.add((tuple(hw_t), tuple(hw_r)))
         if key not in self.flows:
             desc = self.descriptor(step, slot, r)
             if desc is None:
@@ -553,7 +581,7 @@ class RunState:
                 dt = _features().resize_descriptor(desc[0].float(), hw_t)
                 dr = _features().resize_descriptor(desc[1].float(), hw_r)
                 f_t2r, f_r2t = core.argmax_flows(dt, dr)
-                err = core.cycle_error(f_t2r, f_r2t)
+                err = core.cycle_error(f_t2r, f_r2t, integral=True)  # argmax flows are integral
                 self.flows[key] = Match(f_t2r, f_r2t, err, sigma=self.sigmas[step], step=step)
                 self.stats["flows"] += 1
         return self.flows[key]
@@ -625,7 +653,7 @@ class RunState:
                 if g is None:
                     continue
                 m = self.match(call.step, call.slots[c], r, hw, hw_r)
-                warped = _core().warp_tokens(v_ref, m.flow_t2r.to(v.device), hw_r)
+                warped = _core().warp_tokens(v_ref, m.flow_t2r.to(v.device), hw_r, integral=True)
                 i = c * B + r
                 new = _ama().inject_values(v[i:i + 1], warped, s.strength * g.reshape(1, -1, 1))
                 if out is None:
@@ -801,6 +829,7 @@ class AMAPatch:
                     run.stats["off_schedule"] += 1
                 return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
             run.begin_step(step)
+            run.prefetch(step, cou, x.shape[0])
             have = run.ref_v.get(step, {})
             missing = [ty for ty in dict.fromkeys(cou) if ty not in have]
             if missing:

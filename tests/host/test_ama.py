@@ -472,6 +472,27 @@ def test_exception_mid_sampling_leaves_nothing_behind(dm, tiny, refs, sample):
     assert torch.equal(sample(p, pos, neg, lat, steps=STEPS, seed=3), good)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prefetched_matches_equal_lazy_ones(layout, dm, tiny, refs, sample, monkeypatch):
+    """Matching at the start of a step (before the UNet passes) gives bit-identical output to matching
+    lazily at the first AMA layer (batch of 2 with cfg; the split cond/uncond batch runs with prefetch
+    in ``test_batching_invariance``)."""
+    model, ref = refs(layout)
+    rt = dm("nodes.ama_runtime")
+    pos, neg, lat = tiny.cond(7), tiny.cond(6), tiny.latent(4, 16, 16, 2)
+    p = patch(dm, model, ref, start_percent=0.0,
+              match=dm("nodes.config").MatchConfig(subject_tokens=(2, 3)))
+    early = sample(p, pos, neg, lat, steps=STEPS, seed=3)
+    st = dict(holder_of(dm, p).last_stats)
+    # step 0 (no previous features) already names the AMA grids, so every later match is prefetched
+    assert st["flows"] > 0 and st["prefetched"] == st["flows"], st
+    with monkeypatch.context() as mp:
+        mp.setattr(rt.RunState, "prefetch", lambda self, *a, **k: None)
+        lazy = sample(p, pos, neg, lat, steps=STEPS, seed=3)
+        assert holder_of(dm, p).last_stats["prefetched"] == 0
+    assert torch.equal(early, lazy)
+
+
 # ------------------------------------------------------------------------------------------ schedule
 def test_schedule_mismatch_fails_clearly(dm, tiny, refs, sample):
     model, ref = refs("sd15")
