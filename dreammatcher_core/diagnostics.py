@@ -65,18 +65,22 @@ def gate_figures(confidence: Tensor, mask: Tensor) -> Tensor:
 
 
 class StepLog:
-    """Figures recorded during one run, keyed by (step, row); later records of a key replace earlier.
+    """Figures recorded during one run, one record per (step, row): the one on the finest grid.
 
-    Replacing (not appending) keeps the figures independent of how the sampler batches: a row that is
-    matched twice in one step (e.g. the same match seen by several layers, or by a split cond call)
-    counts once.
+    A row is matched at every AMA resolution, possibly several times (several layers, a split cond
+    call); keeping one record per key, from the grid with the most cells (a later record on an equal
+    grid replaces the earlier one), keeps the figures independent of how the sampler batches.
     """
 
     def __init__(self) -> None:
-        self._rec: dict[tuple[int, int], tuple[float, Tensor]] = {}
+        self._rec: dict[tuple[int, int], tuple[int, float, Tensor]] = {}
 
-    def record(self, step: int, row: int, sigma: float, figures: Tensor) -> None:
-        self._rec[(int(step), int(row))] = (float(sigma), figures.detach())
+    def record(self, step: int, row: int, sigma: float, figures: Tensor, cells: int = 0) -> None:
+        """Keep ``figures`` for (step, row) unless a record on a grid of more ``cells`` exists."""
+        key = (int(step), int(row))
+        if key in self._rec and self._rec[key][0] > cells:
+            return
+        self._rec[key] = (int(cells), float(sigma), figures.detach())
 
     def __len__(self) -> int:
         return len(self._rec)
@@ -84,8 +88,8 @@ class StepLog:
     def summary(self) -> list[StepFigures]:
         """One :class:`StepFigures` per recorded step, in step order (rows averaged)."""
         steps: dict[int, list[tuple[float, Tensor]]] = {}
-        for (step, _row), rec in sorted(self._rec.items()):
-            steps.setdefault(step, []).append(rec)
+        for (step, _row), (_cells, sigma, figures) in sorted(self._rec.items()):
+            steps.setdefault(step, []).append((sigma, figures))
         out = []
         for step, recs in steps.items():
             mean = torch.stack([f.to("cpu", torch.float32) for _, f in recs]).mean(0).tolist()

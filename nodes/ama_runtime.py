@@ -287,6 +287,17 @@ class Match:
     step: int = -1
 
 
+def chunk_slots(cou: list[int]) -> list[tuple[int, int]]:
+    """``(chunk type, occurrence of that type)`` per chunk of ``cond_or_uncond`` (e.g. [1, 0] ->
+    [(1, 0), (0, 0)]); the key under which a chunk's features and matches are stored."""
+    occ: dict[int, int] = {}
+    slots = []
+    for ty in cou:
+        slots.append((ty, occ.get(ty, 0)))
+        occ[ty] = occ.get(ty, 0) + 1
+    return slots
+
+
 class CallState:
     """State of one UNet call: its mode, step, chunk layout and the mask accumulators."""
 
@@ -294,11 +305,7 @@ class CallState:
         self.run, self.mode, self.step, self.cou = run, mode, step, list(cou)
         self.chunks = len(self.cou)
         self.B = rows // max(1, self.chunks)
-        occ: dict[int, int] = {}
-        self.slots: list[tuple[int, int]] = []  # (chunk type, occurrence of that type)
-        for ty in self.cou:
-            self.slots.append((ty, occ.get(ty, 0)))
-            occ[ty] = occ.get(ty, 0) + 1
+        self.slots = chunk_slots(self.cou)
         self.mask_sum: dict[int, torch.Tensor] = {}
         self.mask_n: dict[int, int] = {}
         self.mask_hw: tuple[int, int] | None = None
@@ -354,7 +361,6 @@ class RunState:
         self.cur_step = -1
         #: Per-step gate figures of the cond rows (diagnostics), at the finest resolution matched.
         self.figures = _diag().StepLog()
-        self._figure_area: dict[tuple[int, int], int] = {}
         self.stats = {"ref_passes": 0, "ref_rows": 0, "target_calls": 0, "injected": 0, "descriptors": 0,
                       "flows": 0, "skipped_no_features": 0, "off_schedule": 0, "prefetched": 0}
 
@@ -557,12 +563,7 @@ class RunState:
         if step not in self.active or not self.match_grids:
             return
         b = rows // max(1, len(cou))
-        occ: dict[int, int] = {}
-        for ty in cou:
-            slot = (ty, occ.get(ty, 0))
-            occ[ty] = occ.get(ty, 0) + 1
-            if slot[0] not in self.ref_feats.get(step - 1, {}):
-                continue
+        for slot in chunk_slots(cou):
             for r in range(b):
                 for hw_t, hw_r in sorted(self.match_grids):
                     before = self.stats["flows"]
@@ -614,16 +615,8 @@ class RunState:
         """
         if call.slots[c] != (0, 0) or info.confidence is None or info.mask is None:
             return
-        key = (call.step, r)
-        area = info.confidence.shape[-1] * info.confidence.shape[-2]
-        if area < self._figure_area.get(key, 0):
-            return
-        self._figure_area[key] = area
-        self.figures.record(call.step, r, info.sigma, _diag().gate_figures(info.confidence, info.mask))
-
-    def diagnostics(self) -> list:
-        """The run's per-step :class:`~dreammatcher_core.diagnostics.StepFigures` (step order)."""
-        return self.figures.summary()
+        cells = info.confidence.shape[-1] * info.confidence.shape[-2]
+        self.figures.record(call.step, r, info.sigma, _diag().gate_figures(info.confidence, info.mask), cells)
 
     # ---------------------------------------------------------------- attention
     def on_self_attn(self, call: CallState, key3, q, k, v, extra_options) -> torch.Tensor:
@@ -719,7 +712,7 @@ class AMAPatch:
         was injected, one line per step at DEBUG."""
         self.runs += 1
         try:
-            steps = run.diagnostics()
+            steps = run.figures.summary()
         except Exception:  # diagnostics must never mask the sampler's own exception
             log.debug("DreamMatcher AMA: diagnostics unavailable", exc_info=True)
             steps = []

@@ -31,20 +31,18 @@ def diagnostics_report(model) -> tuple[str, list]:
     in which nothing was injected, gives an explanatory text and no steps (not an error: the graph
     still produces its image).
     """
-    found = ama_runtime.last_diagnostics(model)
-    if found is None:
+    holder = ama_runtime.holder_of(model)
+    if holder is None:
         raise ValueError("AMA Diagnostics needs the MODEL that went through 'AMA Model Patch' (or a node "
                          "after it, e.g. a LoRA loader). This MODEL carries no AMA patch.")
-    runs, steps = found
-    if runs == 0:
+    if holder.runs == 0:
         return ("The patched model has not sampled yet. Connect 'latent' to the output of the sampler "
                 "that uses this MODEL, so this node runs after it."), []
-    holder = ama_runtime.holder_of(model)
-    stats = dict(holder.last_stats) if holder is not None else {}
-    head = f"AMA run #{runs}: "
+    steps = list(holder.last_diagnostics)
+    head = f"AMA run #{holder.runs}: "
     if steps:
         return head + _diag().format_table(steps), steps
-    if not stats.get("active_steps"):
+    if not holder.last_stats.get("active_steps"):
         why = ("no sampling step fell inside the start/end window, or strength is 0. Widen "
                "start_percent/end_percent or raise strength.")
     else:

@@ -48,6 +48,16 @@ def test_step_log_replaces_and_averages_rows():
     assert D.StepLog().summary() == []
 
 
+def test_step_log_keeps_the_finest_grid():
+    log = D.StepLog()
+    fine, coarse, fine2 = torch.ones(3), torch.zeros(3), torch.full((3,), 0.5)
+    log.record(2, 0, 1.0, fine, cells=64 * 64)
+    log.record(2, 0, 1.0, coarse, cells=32 * 32)  # a coarser grid after a finer one: ignored
+    assert log.summary()[0].confidence_coverage == 1.0
+    log.record(2, 0, 1.0, fine2, cells=64 * 64)  # the same grid again: replaces
+    assert log.summary()[0].confidence_coverage == 0.5
+
+
 def test_format_table_and_summary():
     steps = [D.StepFigures(2, 9.5, 0.8, 0.25, 0.2, 1), D.StepFigures(4, 3.25, 0.6, 0.75, 0.4, 1)]
     text = D.format_table(steps)
