@@ -25,7 +25,6 @@ on a GPU (fp16 weights, a warm-up run of every method, a time budget).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import statistics
 import sys
@@ -78,30 +77,13 @@ def boot(tmp: Path, extras: bool = True):
     ``extras=False`` skips ComfyUI's ``comfy_extras`` node files (the pack needs none of them; their
     optional dependencies, e.g. kornia or spandrel, may be missing on a bare GPU image).
     """
-    from comfy_env import put_comfy_first_on_path
+    from comfy_env import boot_in_process, put_comfy_first_on_path
 
     put_comfy_first_on_path()
     import torch
     from comfy.cli_args import args
 
-    args.cpu = args.cpu or not torch.cuda.is_available()
-    import folder_paths
-
-    for sub in ("input", "output", "temp", "custom_nodes"):
-        (tmp / sub).mkdir(parents=True, exist_ok=True)
-    folder_paths.set_output_directory(str(tmp / "output"))
-    folder_paths.set_input_directory(str(tmp / "input"))
-    folder_paths.set_temp_directory(str(tmp / "temp"))
-    import nodes
-
-    if extras:
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    else:
-        asyncio.run(nodes.init_public_apis())
-    link = tmp / "custom_nodes" / "dreammatcher"
-    link.symlink_to(REPO, target_is_directory=True)
-    assert asyncio.run(nodes.load_custom_node(str(link), ignore=set(nodes.NODE_CLASS_MAPPINGS)))
-    return str(link).replace(".", "_x_")
+    return boot_in_process(tmp, cpu=args.cpu or not torch.cuda.is_available(), extras=extras)[2]
 
 
 def init_weights_on_device(model, seed: int) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from comfy_env import REPO, put_comfy_first_on_path  # noqa: E402
+from comfy_env import boot_in_process  # noqa: E402
 
 
 class _StubServer:
@@ -51,33 +51,11 @@ class Host:
 
 @pytest.fixture(scope="session")
 def host(tmp_path_factory) -> Host:
-    root = put_comfy_first_on_path()
-    from comfy.cli_args import args
-
-    args.cpu = True
-    base = tmp_path_factory.mktemp("comfy_base")
-    dirs = {k: base / k for k in ("input", "output", "temp", "custom_nodes")}
-    for d in dirs.values():
-        d.mkdir()
-    import folder_paths
-
-    folder_paths.set_output_directory(str(dirs["output"]))
-    folder_paths.set_input_directory(str(dirs["input"]))
-    folder_paths.set_temp_directory(str(dirs["temp"]))
-
+    root, dirs, pack_module = boot_in_process(tmp_path_factory.mktemp("comfy_base"), cpu=True)
     import nodes  # ComfyUI's nodes.py
 
-    assert str(getattr(nodes, "__file__", "")).startswith(str(root)), nodes.__file__
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    # Load the pack under the folder name users get from a git clone ("dreammatcher").
-    link = dirs["custom_nodes"] / "dreammatcher"
-    link.symlink_to(REPO, target_is_directory=True)
-    before = set(nodes.NODE_CLASS_MAPPINGS)
-    ok = asyncio.run(nodes.load_custom_node(str(link), ignore=before))
-    assert ok, "the pack failed to load"
     testing = Path(__file__).resolve().parent / "testing_pack"
     assert asyncio.run(nodes.load_custom_node(str(testing), ignore=set(nodes.NODE_CLASS_MAPPINGS)))
-    pack_module = str(link).replace(".", "_x_")
     testing_module = str(testing).replace(".", "_x_")
     assert pack_module in sys.modules and testing_module in sys.modules
     return Host(root, pack_module, testing_module, dirs)
