@@ -174,23 +174,30 @@ function showReport(node, lines) {
   setTimeout(fit, 1500);
 }
 
+// Chain a display after the node type's own onExecuted: `pick(message)` selects our payload (falsy:
+// nothing to show), `fn(node, payload)` shows it; a display failure never breaks the node.
+function chainOnExecuted(nodeType, label, pick, fn) {
+  const previous = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (message) {
+    const r = previous?.apply(this, arguments);
+    const payload = pick(message);
+    if (payload) {
+      try {
+        fn(this, payload);
+      } catch (err) {
+        console.warn(`[dreammatcher] ${label} unavailable:`, err);
+      }
+    }
+    return r;
+  };
+}
+
 app.registerExtension({
   name: "dreammatcher.report",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith("DM_")) return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      const r = onExecuted?.apply(this, arguments);
-      const text = message?.text;
-      if (Array.isArray(text) && text.length) {
-        try {
-          showReport(this, text.map(String));
-        } catch (err) {
-          console.warn("[dreammatcher] report unavailable:", err);
-        }
-      }
-      return r;
-    };
+    chainOnExecuted(nodeType, "report",
+      (m) => (Array.isArray(m?.text) && m.text.length ? m.text.map(String) : null), showReport);
   },
 });
 
@@ -198,18 +205,6 @@ app.registerExtension({
   name: "dreammatcher.inspector",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name !== NODE) return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      const r = onExecuted?.apply(this, arguments);
-      const data = message?.dm_match?.[0];
-      if (data) {
-        try {
-          show(this, data);
-        } catch (err) {
-          console.warn("[dreammatcher] inspector unavailable:", err);
-        }
-      }
-      return r;
-    };
+    chainOnExecuted(nodeType, "inspector", (m) => m?.dm_match?.[0], show);
   },
 });
