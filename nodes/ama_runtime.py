@@ -746,9 +746,7 @@ class AMAPatch:
         delegate = run.delegates.get((attn, key3)) if run is not None else self.delegates.get((attn, key3))
         if delegate is not None:
             return delegate(q, k, v, extra_options)
-        kernel = host.attention_kernel()
-        return kernel(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-                      transformer_options=extra_options)
+        return host.call_attention(q, k, v, extra_options)
 
     def _make_replace(self, attn: str, key3):
         holder = self
@@ -788,6 +786,8 @@ class AMAPatch:
 
         def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
             model_options = host.outer_sample_model_options(executor)
+            host.refuse_multigpu(model_patcher=executor.class_obj.model_patcher, model_options=model_options,
+                                 what="AMA")
             topts = model_options.setdefault("transformer_options", {})
             run = RunState(holder, sigmas, executor.class_obj.model_patcher, topts)
             previous = topts.get(RUN_KEY)

@@ -6,7 +6,9 @@ patch installation, and the gradient escape from ``torch.inference_mode``. The n
 call these helpers and never import ``comfy.*`` themselves, so a ComfyUI update that moves an
 internal breaks exactly one file, with a clear message.
 
-Tested against ComfyUI 0.3.75 (the oldest supported version, see ``pyproject.toml``).
+Tested against ComfyUI 0.3.75 (the oldest supported version, see ``pyproject.toml``) and 0.28.2 (the
+newest tested one). Where the two differ, the helpers here read what the host provides (an option in
+``extra_options``, a marker in ``model_options``) instead of its version number.
 """
 
 from __future__ import annotations
@@ -378,6 +380,25 @@ def attention_kernel():
     return require("comfy.ldm.modules.attention", "optimized_attention").optimized_attention
 
 
+#: Keys of an attention patch's ``extra_options`` that vanilla ``CrossAttention`` passes to its kernel
+#: as keyword arguments. ``attn_precision`` exists on every supported host; ``preferred_attention``
+#: (a per-layer kernel choice, e.g. a quantised attention from a checkpoint's config) appears on
+#: newer hosts. A key the host does not put into ``extra_options`` is simply not forwarded, so the
+#: same call is right on hosts with and without it.
+_KERNEL_OPTIONS = ("attn_precision", "preferred_attention")
+
+
+def call_attention(q, k, v, extra_options: dict):
+    """Run attention exactly as the vanilla layer would: same kernel, heads, precision and per-layer
+    kernel preference, with ``extra_options`` as ``transformer_options`` (kernel overrides read it).
+
+    Every attention call the pack makes itself goes through here, so strength 0 stays bit-identical
+    to vanilla whatever the host forwards to its kernels."""
+    kw = {name: extra_options[name] for name in _KERNEL_OPTIONS if name in extra_options}
+    kw.setdefault("attn_precision", None)
+    return attention_kernel()(q, k, v, extra_options["n_heads"], transformer_options=extra_options, **kw)
+
+
 def existing_attn_replace(model_options: dict, attn: str, key3: tuple):
     """The replace ComfyUI would call today for ``key3`` = (block, id, transformer_index): the 3-tuple
     key first, then the 2-tuple key it shadows (BasicTransformerBlock.forward's lookup order)."""
@@ -427,6 +448,32 @@ def outer_sample_model_options(executor) -> dict:
     """The run-local ``model_options`` of the guider an OUTER_SAMPLE wrapper wraps (a per-run copy
     made by ``CFGGuider.sample``; everything the sampler and the UNet see derives from it)."""
     return executor.class_obj.model_options
+
+
+class MultiGPUUnsupported(RuntimeError):
+    """ComfyUI's multi-GPU dispatch is on for a model that carries DreamMatcher."""
+
+
+def refuse_multigpu(*, model_patcher=None, model_options: dict | None = None, what: str) -> None:
+    """Stop before sampling when ComfyUI would split the model calls over several GPUs.
+
+    Newer hosts run ``calc_cond_batch`` in one worker thread per GPU when the model carries
+    multi-GPU clones (the "MultiGPU CFG Split" node adds them as additional models under the key
+    ``multigpu``; sampling then puts them in ``model_options["multigpu_clones"]``). DreamMatcher's
+    per-run state is not shared across those threads: the reference pass would run once per device,
+    the correspondence of one device would be used by another and exact guidance would get no graph
+    (the workers run under ``no_grad``). So it is refused, never run silently wrong. Hosts without
+    multi-GPU dispatch have neither marker, and this is a no-op there.
+    """
+    clones = model_options.get("multigpu_clones") if model_options is not None else None
+    extra = []
+    if model_patcher is not None and hasattr(model_patcher, "get_additional_models_with_key"):
+        extra = model_patcher.get_additional_models_with_key("multigpu")
+    if clones or extra:
+        raise MultiGPUUnsupported(
+            f"DreamMatcher {what} does not support ComfyUI's multi-GPU dispatch: this model carries "
+            "multi-GPU clones (from a 'MultiGPU CFG Split' node, multigpu work units). Remove that node "
+            "from the model's path, or set its max_gpus to 1, and queue again. Nothing was sampled.")
 
 
 def throw_if_interrupted() -> None:
@@ -483,9 +530,31 @@ class GuidanceSpec:
 
 
 def _constant_copy(t):
-    # cast_bias_weight already made a fresh (normal-mode) copy; detaching keeps the weights constants
-    # of the graph, so only x-dependent activations are saved and no .grad ever reaches a parameter.
-    return t.detach()
+    # Detaching keeps the weights constants of the graph, so only x-dependent activations are saved and
+    # no .grad ever reaches a parameter. Usually cast_bias_weight has already made a fresh normal-mode
+    # copy. Hosts that stream weights (dynamic VRAM) hand the weight functions cached views created
+    # under inference mode, without a copy: autograd cannot save those for backward, so they are
+    # cloned here (outside inference mode a clone is an ordinary tensor; the cached view is untouched).
+    return t.clone() if t.is_inference() else t.detach()
+
+
+#: What torch says when code writes in place into an inference tensor outside inference mode.
+_INPLACE_INFERENCE = "Inplace update to inference tensor outside InferenceMode"
+
+
+class ExactGuidanceUnavailable(RuntimeError):
+    """The host's weight loading does not allow a backward pass through the UNet right now."""
+
+
+def _exact_unavailable_message() -> str:
+    return (
+        "DreamMatcher matching guidance (mode 'exact') needs a backward pass through the UNet, but this "
+        "ComfyUI casts the model's weights into a persistent buffer that was made for inference only "
+        "(the model is partially offloaded and weights are streamed through async offload buffers). "
+        "Nothing was changed. Fixes, in order of preference: set the sampler's mode to 'fast' (no "
+        "backward pass); or free VRAM so the model loads fully (smaller batch or image, "
+        "--highvram / --gpu-only); or start ComfyUI with --disable-async-offload."
+    )
 
 
 @contextmanager
@@ -509,7 +578,12 @@ def grad_escape(diffusion_model):
             module.weight_function = [*module.weight_function, _constant_copy]
             module.bias_function = [*module.bias_function, _constant_copy]
         with torch.inference_mode(False), torch.enable_grad():
-            yield
+            try:
+                yield
+            except RuntimeError as exc:
+                if _INPLACE_INFERENCE in str(exc):
+                    raise ExactGuidanceUnavailable(_exact_unavailable_message()) from exc
+                raise
     finally:
         for module, wf, bf in saved:
             for name, old in (("weight_function", wf), ("bias_function", bf)):
@@ -849,6 +923,8 @@ def sample_matching_guidance(model, x, sigmas, extra_args=None, callback=None, d
     spec: GuidanceSpec = dm_guidance
     extra_args = {} if extra_args is None else extra_args
     run = _GuidanceRun(spec, model, x, extra_args)
+    refuse_multigpu(model_patcher=getattr(run.guider, "model_patcher", None),
+                    model_options=extra_args.get("model_options"), what="matching guidance")
     check_guidance_schedule(spec.reference, sigmas, run.window)
     checker = getattr(spec.reference, "check_model", None)
     if checker is not None and getattr(run.guider, "model_patcher", None) is not None:
@@ -896,6 +972,7 @@ def guidance_sample(model_patcher, spec: GuidanceSpec, *, seed: int, steps: int,
     import comfy.utils
     import latent_preview
 
+    refuse_multigpu(model_patcher=model_patcher, what="matching guidance")
     latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = ksampler_sigmas(model_patcher, steps, scheduler, denoise)
@@ -949,8 +1026,7 @@ class _TokenAttnTap:
                 self.maps.append(m.view(b, 1, shape[2], shape[3]).detach().cpu())
         if self.previous is not None:
             return self.previous(q, k, v, extra_options, **kwargs)
-        return attention_kernel()(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                                  transformer_options=extra_options)
+        return call_attention(q, k, v, extra_options)
 
     def __deepcopy__(self, memo: dict) -> _TokenAttnTap:
         return self

@@ -142,6 +142,46 @@ def test_parity_strength0_and_empty_window(layout, dm, tiny, refs, sample):
     assert st["ref_passes"] == 0 and st["active_steps"] == []
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_own_attention_calls_use_the_vanilla_kernel_arguments(layout, dm, tiny, refs, sample):
+    """The pack's own attention calls reach ComfyUI's kernel as vanilla's do (heads, precision), and
+    forward a per-layer kernel preference (``preferred_attention``) where the host puts one into the
+    patch's options, on hosts with and without it. Observed through ComfyUI's attention override."""
+    model, ref = refs(layout)
+    pos, neg, lat = tiny.cond(5), tiny.cond(6), tiny.latent(4)
+    sentinel = object()
+
+    def observed(m):
+        calls = []
+
+        def override(func, q, k, v, heads, *args, **kwargs):
+            topts = kwargs.get("transformer_options") or {}
+            if q.shape[1] == k.shape[1]:  # self-attention
+                calls.append((topts.get("block"), heads, kwargs.get("attn_precision"),
+                              kwargs.get("preferred_attention")))
+            return func(q, k, v, heads, *args, **kwargs)
+
+        m = m.clone()
+        topts = m.model_options.setdefault("transformer_options", {})
+        topts["optimized_attention_override"] = override
+        topts["preferred_attention"] = sentinel
+        return m, calls
+
+    vanilla_m, vanilla_calls = observed(model)
+    vanilla = sample(vanilla_m, pos, neg, lat, steps=STEPS, seed=3)
+    expected = {(blk, heads, prec) for blk, heads, prec, _ in vanilla_calls}
+    for strength in (0.0, 1.0):
+        patched, calls = observed(patch(dm, model, ref, strength=strength, start_percent=0.0))
+        out = sample(patched, pos, neg, lat, steps=STEPS, seed=3)
+        ama_blocks = {key[:2] for key in holder_of(dm, patched).settings.ama_keys}
+        own = [c for c in calls if c[0] in ama_blocks]
+        assert own, "no self-attention call of an AMA layer reached the kernel"
+        assert {(blk, heads, prec) for blk, heads, prec, _ in own} <= expected
+        assert all(c[3] is sentinel for c in own), "the per-layer kernel preference was not forwarded"
+        if strength == 0.0:
+            assert torch.equal(out, vanilla), "strength 0 must stay bit-identical to vanilla"
+
+
 # ------------------------------------------------------------------------------------------ no mutation
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_mutation_and_repeatable(layout, dm, tiny, refs, sample):
