@@ -1,5 +1,7 @@
 # comfyui-dreammatcher developer commands. Everything installs itself on first use.
 #   make test     set up the pinned host (first run: a few minutes) and run every test tier
+#   make test-compat  set up a second environment for the newest host in ../shared/hosts/ (or
+#                 COMFYUI_TARBALL / COMFYUI_PATH) and run the host, e2e and browser tiers on it
 #   make serve    start the embedded ComfyUI with this pack on http://127.0.0.1:8188
 #   make run      run the example workflow headless on a random-weight checkpoint
 #   make bench    AMA / guidance cost vs plain ComfyUI sampling (ratios)
@@ -11,7 +13,7 @@ PY := .venv/bin/python
 PORT ?= 8188
 SERVE_BASE ?= $(CURDIR)/.host/serve
 
-.PHONY: setup test lint serve run bench bench-core gpu-check clean
+.PHONY: setup test test-compat lint serve run bench bench-core gpu-check clean
 
 setup:
 	@bash scripts/setup_host.sh
@@ -22,6 +24,12 @@ lint: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q -ra
+
+COMPAT_TIERS ?= tests/host tests/e2e tests/browser
+
+test-compat: setup
+	@root="$$(bash scripts/setup_compat.sh)" && echo "[compat] ComfyUI at $$root" && \
+	  COMFYUI_PATH="$$root" .venv-compat/bin/python -m pytest $(COMPAT_TIERS) -q -ra
 
 serve: setup
 	@bash scripts/serve.sh $(PORT) "$(SERVE_BASE)"
@@ -39,4 +47,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf .venv .host
+	rm -rf .venv .venv-compat .host

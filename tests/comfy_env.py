@@ -71,3 +71,55 @@ def boot_in_process(base: Path, *, cpu: bool, extras: bool = True) -> tuple[Path
     if not asyncio.run(nodes.load_custom_node(str(link), ignore=set(nodes.NODE_CLASS_MAPPINGS))):
         raise RuntimeError("the pack failed to load (see the log above)")
     return root, dirs, str(link).replace(".", "_x_")
+
+
+# ---- host differences ------------------------------------------------------------------------------
+# Every difference between the ComfyUI versions the tiers run on is handled here, keyed on what the
+# host can do rather than on its version string.
+
+
+def executor_cache_args() -> dict:
+    """``cache_args`` for ``execution.PromptExecutor`` that every supported host accepts.
+
+    Newer hosts read ``ram`` and ``ram_inactive`` (RAM-pressure cache headroom, GiB) unconditionally;
+    older ones read only the keys of the cache type they build and ignore the rest. Zero headroom
+    with the classic cache keeps the in-process runs free of caching between graphs.
+    """
+    return {"lru": 0, "ram": 0, "ram_inactive": 0}
+
+
+def sampler_latent_dtype(requested):
+    """The dtype in which the host's sampler hands latents to the model for a ``requested`` input.
+
+    Newer ``CFGGuider.outer_sample`` casts noise and latent to float32; older hosts keep the input
+    dtype. Read from the guider's own source (the cast is a literal ``float32`` there), not from
+    the version string.
+    """
+    import inspect
+
+    import comfy.samplers
+    import torch
+
+    src = inspect.getsource(comfy.samplers.CFGGuider.outer_sample)
+    return torch.float32 if "float32" in src else requested
+
+
+def keep_latent_dtype(model_patcher, dtype):
+    """``model_patcher``, or a clone of it on which the sampler sees latents in ``dtype`` again.
+
+    For tests that need float64 end to end (gradient checks against finite differences) on hosts
+    whose guider casts latents to float32: a SAMPLER_SAMPLE wrapper, the host's own extension
+    point, casts noise and latent back before the sampler function runs, which gives what older
+    hosts do unasked. On hosts that keep the dtype the model is returned unchanged.
+    """
+    if sampler_latent_dtype(dtype) == dtype:
+        return model_patcher
+    import comfy.patcher_extension as pe
+
+    def wrapper(executor, guider, sigmas, extra_args, callback, noise, latent_image=None, *args, **kwargs):
+        latent_image = latent_image.to(dtype) if latent_image is not None else None
+        return executor(guider, sigmas, extra_args, callback, noise.to(dtype), latent_image, *args, **kwargs)
+
+    clone = model_patcher.clone()
+    clone.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, "dm_test_latent_dtype", wrapper)
+    return clone

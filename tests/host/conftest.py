@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import comfy_env  # noqa: E402
 from comfy_env import boot_in_process  # noqa: E402
 
 
@@ -84,7 +85,7 @@ def run_graph(host):
         if not ok:
             raise AssertionError(f"invalid prompt: {err} {node_errors}")
         ex = execution.PromptExecutor(host.server, cache_type=execution.CacheType.CLASSIC,
-                                      cache_args={"lru": 0, "ram": 0})
+                                      cache_args=comfy_env.executor_cache_args())
         host.server.messages.clear()
         ex.execute(prompt, prompt_id, {}, outputs)
         if not ex.success:
