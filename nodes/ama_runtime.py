@@ -849,6 +849,21 @@ def get_run(model_options: dict) -> RunState | None:
     return model_options.get("transformer_options", {}).get(RUN_KEY)
 
 
+def without_run(model_options: dict) -> dict:
+    """A copy of ``model_options`` in which the AMA patch sits still (no run, no call in flight).
+
+    For model calls that are not a sampling step of the target, e.g. the guidance sampler's own
+    reference feature pass: under the run the AMA hooks would take that call for a target call,
+    inject into it and record its features as the target's. Nothing is mutated.
+    """
+    topts = model_options.get("transformer_options", {})
+    if RUN_KEY not in topts and CALL_KEY not in topts:
+        return model_options
+    out = dict(model_options)
+    out["transformer_options"] = {k: v for k, v in topts.items() if k not in (RUN_KEY, CALL_KEY)}
+    return out
+
+
 def current_match(model_options: dict, *, chunk_type: int = 0, row: int = 0,
                   resolution: tuple[int, int] | None = None) -> Match | None:
     """The most recent correspondence of target ``row`` for ``chunk_type`` (0 = cond, 1 = uncond).

@@ -715,7 +715,9 @@ class _GuidanceRun:
         ref_x = traj.at(sigma).to(self.device)
         conds = self.ref_conds(ref_x)
         tap = _FeatureTap(self.layers)
-        mo = _with_output_patch(model_options, tap)
+        from . import ama_runtime
+
+        mo = _with_output_patch(ama_runtime.without_run(model_options), tap)
         run = [conds[k] if k in branches else None for k in (0, 1)]
         sig = torch.full((ref_x.shape[0],), sigma, device=self.device, dtype=torch.float32)
         with torch.no_grad():
@@ -726,6 +728,9 @@ class _GuidanceRun:
     def correspondence(self, sigma: float, branch: int, tgt_feats: dict | None, ref_feats: dict | None,
                        model_options: dict, hw: tuple[int, int]):
         """(flow_t2r [B,2,H,W], weight [B,1,H,W]) at the latent grid for one branch.
+
+        ``model_options`` are the step's own, without the target feature tap: a reference pass made
+        here must not overwrite the target features the tap holds.
 
         Reuses the AMA patch's current-step correspondence when the MODEL carries it; otherwise
         matches decoder descriptors of this step (method.md §6: the current step's features).
@@ -787,7 +792,7 @@ class _GuidanceRun:
         out = [None] * len(conds)
         parts: dict[int, tuple] = {}
         if self.spec.mode == "exact":
-            out, grads, denom, parts_exact = self._exact(conds, x_det, sigma, forward, run_mo, layers_tap,
+            out, grads, denom, parts_exact = self._exact(conds, x_det, sigma, forward, mo, run_mo, layers_tap,
                                                          ref_feats, hw)
             # denoised_k += lambda * sigma^2 * dL/dx_k (derivation at the top of this section), where
             # L = sum_k loss_k * D_k / D is the official loss over both branches (D_k = sum of w_k).
@@ -808,7 +813,7 @@ class _GuidanceRun:
             with torch.no_grad():
                 out = list(forward(list(conds), x_det, run_mo))
             for k in branches:
-                flow, w = self.correspondence(sigma, k, layers_tap.feats, ref_feats, run_mo, hw)
+                flow, w = self.correspondence(sigma, k, layers_tap.feats, ref_feats, mo, hw)
                 parts[k] = (flow, w, self.targets(flow, torch.float32), self.source)
             _, g0 = dmg.loss_grad_wrt_x0(torch.cat([out[k].float() for k in branches]),
                                          torch.cat([parts[k][2] for k in branches]),
@@ -827,7 +832,7 @@ class _GuidanceRun:
         if self.spec.probe is not None:
             self.spec.probe({"mode": self.spec.mode, "branch": branch, "source": self.source, **info})
 
-    def _exact(self, conds, x_det, sigma, forward, run_mo, tap, ref_feats, hw):
+    def _exact(self, conds, x_det, sigma, forward, mo, run_mo, tap, ref_feats, hw):
         """Per branch: grad forward on the target rows only, numerator loss, backward, free the graph.
 
         Approximation choices (documented, see method.md §6 / §11.1.6):
@@ -856,7 +861,7 @@ class _GuidanceRun:
                 den = forward(which, x_in, run_mo)[k]
                 eps = (x_in - den) / sigma
                 x0 = x_det - sigma * eps
-                flow, w = self.correspondence(sigma, k, tap.feats, ref_feats, run_mo, hw)
+                flow, w = self.correspondence(sigma, k, tap.feats, ref_feats, mo, hw)
                 work = torch.promote_types(x0.dtype, torch.float32)  # float64 runs stay float64
                 target = self.targets(flow, work)
                 loss = dmg.matching_loss(x0.to(work), target, w.to(work), self.spec.loss)

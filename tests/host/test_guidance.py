@@ -424,3 +424,28 @@ def test_multigpu_dispatch_is_refused_before_sampling(dm, tiny, setup, sample):
     # Without the clones the same patch samples: the refusal is about the dispatch, nothing else.
     ok = node.execute(s["model"], s["ref"], 1.0, 0.08, 1.0, preset, "").result[0]
     assert torch.isfinite(sample(ok, s["pos"], s["neg"], s["latent"], steps=STEPS, cfg=5.0, seed=3)).all()
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_batch_of_targets_with_the_ama_patch(dm, setup, mode):
+    """A batch of targets with the AMA patch: the first step has no AMA match yet, so the sampler
+    matches on its own there; every row must be guided, as when each row is sampled alone."""
+    s = setup
+    ama = dm("nodes.ama")
+    patched = ama.patch_model(s["model"], s["ref"], strength=1.0, start_percent=0.0, end_percent=1.0)
+    seen = []
+    lat = {"samples": torch.zeros(2, 4, HW, HW)}
+    out = _run(dm, patched, s["ref"], mode=mode, probe=seen.append, positive=s["pos"], negative=s["neg"],
+               latent=lat)
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    assert {p["source"] for p in seen} >= {"own", "ama"}
+    assert all(p["flow"].shape[0] == 2 and p["weight"].shape[0] == 2 for p in seen)
+    off = _run(dm, patched, s["ref"], scale=0.0, positive=s["pos"], negative=s["neg"], latent=lat)
+    assert all(not torch.equal(out[i], off[i]) for i in range(2)), "a row of the batch was not guided"
+    # On the first step AMA has not matched yet and changes nothing, so the sampler's own match there
+    # must be the one it makes without the patch: target features against the reference's.
+    alone = []
+    _run(dm, s["model"], s["ref"], mode=mode, probe=alone.append, positive=s["pos"], negative=s["neg"],
+         latent=lat)
+    assert seen[0]["source"] == "own" and alone[0]["source"] == "own"
+    assert torch.equal(seen[0]["flow"], alone[0]["flow"]), "the first-step match saw the wrong features"
