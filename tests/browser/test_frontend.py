@@ -4,12 +4,14 @@ Workflows come from ``/api/workflow_templates`` (the pack's ``example_workflows/
 as ComfyUI serves them); while the pack ships none, from ``tests/fixtures/*.json``. The tier
 fails if nothing was loaded.
 
-"No missing node types" is checked three ways: every node type of the workflow is in
-``LiteGraph.registered_node_types`` before loading; the frontend's own missing-nodes report
-(``app.showMissingNodesError``, which ``loadGraphData`` calls with the missing types) is not
-called; and no ``.comfy-missing-nodes`` dialog is in the DOM. A negative control loads a
-workflow with an unknown node type and requires all three checks to flag it. Loading must
-also raise no warning/error toast (such as the frontend's "Invalid workflow against zod
+"No missing node types" is checked with one in-page probe (``frontend_probe.py``) that works on
+every frontend by capability: every node type of the workflow is in
+``LiteGraph.registered_node_types`` before loading; no report channel the frontend has
+(``app.showMissingNodesError`` calls on 1.32, the ``missingNodesError`` store and the workflow's
+``pendingWarnings`` on 1.45) names a type; no missing-nodes dialog (1.32) or error overlay (1.45)
+is shown; and no loaded node is flagged ``has_errors``. A negative control loads a workflow with
+an unknown node type and requires a report channel, the UI and the node flag to name it. Loading
+must also raise no warning/error toast (such as the frontend's "Invalid workflow against zod
 schema" alert for a malformed workflow file).
 """
 
@@ -19,47 +21,17 @@ import json
 import urllib.parse
 from pathlib import Path
 
+from frontend_probe import (
+    BOGUS_WORKFLOW,
+    DISMISS_JS,
+    NO_MISSING_UI_JS,
+    assert_missing_reported,
+    assert_no_missing_nodes,
+    load_workflow,
+)
 from server_fixture import PACK_FOLDER, pack_node_ids
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-#: Wraps the app's missing-nodes report (test instrumentation inside the page only).
-RECORDER_JS = """() => {
-    if (window.__dmMissing) return;
-    window.__dmMissing = [];
-    const orig = window.app.showMissingNodesError.bind(window.app);
-    window.app.showMissingNodesError = (types, ...rest) => {
-        window.__dmMissing.push(...types.map(t => (typeof t === 'object' ? t.type : t)));
-        return orig(types, ...rest);
-    };
-}"""
-
-LOAD_JS = """async (wf) => {
-    const registered = window.LiteGraph.registered_node_types;
-    const defs = (wf.definitions && wf.definitions.subgraphs) || [];
-    const wanted = [...(wf.nodes || []), ...defs.flatMap(s => s.nodes || [])].map(n => n.type);
-    const unregistered = [...new Set(wanted.filter(t => !(t in registered)))];
-    window.__dmMissing.length = 0;
-    document.querySelectorAll('.p-toast-close-button, .p-dialog-close-button').forEach(b => b.click());
-    await new Promise(r => setTimeout(r, 300));
-    await window.app.loadGraphData(wf);
-    await new Promise(r => setTimeout(r, 500));  // let dialogs and toasts mount
-    const nodes = window.app.graph.nodes;
-    return {
-        unregistered,
-        reported: [...window.__dmMissing],
-        dialog: !!document.querySelector('.comfy-missing-nodes'),
-        nWanted: (wf.nodes || []).length,
-        nLoaded: nodes.length,
-        loadedUnregistered: nodes.map(n => n.type).filter(t => !(t in registered)),
-        // e.g. "Invalid workflow against zod schema" (the frontend's workflow validation)
-        toasts: [...document.querySelectorAll('.p-toast-message-warn, .p-toast-message-error')]
-            .map(e => e.innerText.slice(0, 1500)),
-    };
-}"""
-
-CLOSE_DIALOGS_JS = """() => document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())"""
-
 
 def _workflows(server) -> list[tuple[str, dict]]:
     """The pack's example workflows as served by the server; the fixtures while there are none."""
@@ -84,7 +56,6 @@ def test_workflows_load_without_missing_nodes(comfy_server, frontend, tmp_path):
     page, errors = frontend
     workflows = _workflows(comfy_server)
     assert workflows, "no workflow to load: neither example_workflows/ nor tests/fixtures/ has one"
-    page.evaluate(RECORDER_JS)
 
     # The frontend knows every node the pack declares (from /object_info).
     ids = sorted(pack_node_ids())
@@ -92,39 +63,25 @@ def test_workflows_load_without_missing_nodes(comfy_server, frontend, tmp_path):
     assert unknown == [], f"pack nodes unknown to the frontend: {unknown}"
 
     for name, wf in workflows:
-        result = page.evaluate(LOAD_JS, wf)
+        result = load_workflow(page, wf)
         shot = tmp_path / f"{_safe(name)}.png"
         page.screenshot(path=str(shot))
-        print(f"\n[browser] {name}: {result['nLoaded']} nodes; screenshot {shot}")
-        assert result["unregistered"] == [], f"{name}: node types not registered: {result['unregistered']}"
-        assert result["reported"] == [], f"{name}: frontend reported missing nodes {result['reported']}"
-        assert not result["dialog"], f"{name}: a missing-nodes dialog is shown"
-        assert result["loadedUnregistered"] == []
-        assert result["nLoaded"] == result["nWanted"] > 0, result
-        assert result["toasts"] == [], f"{name}: the frontend warned while loading it: {result['toasts']}"
-        page.evaluate(CLOSE_DIALOGS_JS)
+        print(f"\n[browser] {name}: {result['nLoaded']} nodes; channels {result['channels']}; "
+              f"screenshot {shot}")
+        assert_no_missing_nodes(name, result)
+        page.evaluate(DISMISS_JS)
 
     pack_errors = [e for e in errors if PACK_FOLDER in e]
     assert not pack_errors, f"page errors from the pack's web extension: {pack_errors}"
 
 
 def test_missing_node_detection_works(comfy_server, frontend, tmp_path):
-    """Negative control: an unknown node type is flagged by all three checks."""
+    """Negative control: an unknown node type is reported, shown and flagged by the frontend."""
     page, _ = frontend
-    page.evaluate(RECORDER_JS)
-    bogus = {
-        "last_node_id": 1, "last_link_id": 0, "links": [], "groups": [], "config": {}, "extra": {},
-        "version": 0.4,
-        "nodes": [{"id": 1, "type": "DM_NoSuchNodeForTests", "pos": [100, 100], "size": [200, 80],
-                   "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [], "properties": {},
-                   "widgets_values": []}],
-    }
-    result = page.evaluate(LOAD_JS, bogus)
+    result = load_workflow(page, BOGUS_WORKFLOW)
     shot = tmp_path / "missing_node_control.png"
     page.screenshot(path=str(shot))
-    print(f"\n[browser] negative control screenshot {shot}")
-    assert result["unregistered"] == ["DM_NoSuchNodeForTests"], result
-    assert result["reported"] == ["DM_NoSuchNodeForTests"], result
-    assert result["dialog"], "the frontend showed no missing-nodes dialog for an unknown node type"
-    page.evaluate(CLOSE_DIALOGS_JS)
-    page.wait_for_function("() => !document.querySelector('.comfy-missing-nodes')", timeout=10_000)
+    print(f"\n[browser] negative control: {result}; screenshot {shot}")
+    assert_missing_reported(result)
+    page.evaluate(DISMISS_JS)
+    page.wait_for_function(NO_MISSING_UI_JS, timeout=10_000)
