@@ -86,10 +86,13 @@ class ServerError(RuntimeError):
 class ComfyServer:
     """One ComfyUI process plus small HTTP helpers (``post_prompt``, ``wait_for``...)."""
 
-    def __init__(self, comfy_root: Path, base: Path, python: str = sys.executable) -> None:
+    def __init__(self, comfy_root: Path, base: Path, python: str = sys.executable, *, cpu: bool = True,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.comfy_root = comfy_root
         self.base = base
         self.python = python
+        self.cpu = cpu  # False: let ComfyUI pick the device (the GPU check)
+        self.extra_args = tuple(extra_args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "comfyui.log"
@@ -124,10 +127,10 @@ class ComfyServer:
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         self.prepare()
         cmd = [
-            self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--disable-auto-launch", "--base-directory", str(self.base),
+            self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+            "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base),
             "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
-            "--use-pytorch-cross-attention",
+            "--use-pytorch-cross-attention", *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", DO_NOT_TRACK="1",
                    OMP_NUM_THREADS=server_threads())
