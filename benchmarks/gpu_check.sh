@@ -5,6 +5,11 @@
 #
 #   bash benchmarks/gpu_check.sh [gpu_check.py args...]     e.g. --smoke --cpu for a dry run
 #
+# With COMPAT_COMFYUI_PATH pointing at a newer ComfyUI tree (e.g. the carried .host/compat/comfyui-0.28.2,
+# whose own Python requirements must be importable there: comfy-aimdo, comfy-kitchen, av, ...), it then
+# runs benchmarks/gpu_check_server.py on that host's real server with dynamic VRAM on (its default) and
+# off, checking parity and exact guidance there ($OUT/compat/gpu_check_server.json).
+#
 # Writes $OUT/gpu_check.json, $OUT/gpu_check.log (everything printed) and $OUT/nvidia-smi.txt;
 # OUT defaults to ./gpu-out. GPU_CHECK_BUDGET (seconds, default 285) is the script's internal
 # budget; a hard `timeout` kills it 45 s after that.
@@ -36,6 +41,13 @@ LOG="$OUT/gpu_check.log"
   timeout -k 10 "$((${BUDGET%.*} + 45))" "$PY" benchmarks/gpu_check.py --out "$OUT" --budget "$BUDGET" "$@"
   rc=$?
   echo "[gpu_check.sh] gpu_check.py exit code $rc"
+  if [ -n "${COMPAT_COMFYUI_PATH:-}" ]; then
+    COMFYUI_PATH="$COMPAT_COMFYUI_PATH" timeout -k 10 "${COMPAT_BUDGET:-240}" "$PY" benchmarks/gpu_check_server.py \
+      --out "$OUT/compat" --size "${COMPAT_SIZE:-512}" --steps "${COMPAT_STEPS:-20}"
+    crc=$?
+    echo "[gpu_check.sh] gpu_check_server.py (newer host $COMPAT_COMFYUI_PATH) exit code $crc"
+    [ "$rc" -eq 0 ] && rc=$crc
+  fi
   exit $rc
 } 2>&1 | tee -a "$LOG"
 exit "${PIPESTATUS[0]}"
