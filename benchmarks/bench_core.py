@@ -6,7 +6,7 @@ What is measured, and how
 -------------------------
 * **Work**: flows in both directions (``flow_t2r`` and ``flow_r2t``) for one target/reference pair of
   ``[1, 512, S, S]`` float32 features, S in 32, 64, 128.
-* **naive**: what the official code does (method.md §5a-b): L2-normalise, build the full
+* **naive**: what the official code does (docs/method.md, "Semantic matching"): L2-normalise, build the full
   ``S^2 x S^2`` float32 cosine matrix with one matmul, ``argmax`` along both axes.
 * **chunked**: ``argmax_flows`` with its default (automatic) chunk size.
 * **Time**: median wall time of several calls after a small warm-up call.  Both implementations are

@@ -265,7 +265,7 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
                          "base_bytes": base.get("bytes"), "out": out_holder.pop("out", None)}
         log(f"  {name:10s} {med:8.2f} s   peak extra {mem / 2**20:8.1f} MiB")
 
-    invert = dm("nodes.invert").DM_InvertReference
+    invert = dm("nodes.node_invert").InvertReference
     holder = {}
 
     def do_invert():
@@ -295,7 +295,7 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
     patched = None
     if ref is not None:
         patched = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match)
-    guidance = dm("nodes.guidance").MatchingGuidanceSampler
+    guidance = dm("nodes.node_guidance").MatchingGuidanceSampler
 
     def do_ama():
         plain_sample(patched)

@@ -311,10 +311,10 @@ def tiny_on_device(tiny, layout: str, seed: int):
 def section_parity_samplers(rec: dict, dm, tiny, steps: int, report: Report) -> None:
     import torch
 
-    invert = dm("nodes.invert").DM_InvertReference
-    ama = dm("nodes.ama").AMAModelPatch
-    guidance = dm("nodes.guidance").MatchingGuidanceSampler
-    holder_key = dm("nodes.ama_runtime").HOLDER_KEY
+    invert = dm("nodes.node_invert").InvertReference
+    ama = dm("nodes.node_ama").AMAModelPatch
+    guidance = dm("nodes.node_guidance").MatchingGuidanceSampler
+    patch_of = dm("nodes.ama").patch_of
     for layout in ("sd15", "sdxl"):
         r: dict = {}
         rec[layout] = r
@@ -331,8 +331,8 @@ def section_parity_samplers(rec: dict, dm, tiny, steps: int, report: Report) -> 
         out0 = ksampler(p0, lat, pos, neg, **kw)
         p1 = ama.execute(model, ref, 1.0, 0.0, 1.0)[0]
         out1 = ksampler(p1, lat, pos, neg, **kw)
-        stats0 = dict(p0.model_options["transformer_options"][holder_key].last_stats or {})
-        stats1 = dict(p1.model_options["transformer_options"][holder_key].last_stats or {})
+        stats0 = dict(patch_of(p0).last_stats or {})
+        stats1 = dict(patch_of(p1).last_stats or {})
         r["vanilla_repeatable"] = compare(vanilla2, vanilla)
         r["ama_strength0_vs_vanilla"] = compare(out0, vanilla)
         r["ama_strength0_ref_passes"] = stats0.get("ref_passes")
@@ -537,12 +537,12 @@ def section_bench(rec: dict, bs, pack: str, dm, *, layout: str, width: int, size
 
         pos, neg, tgt = ctx["positive"], ctx["negative"], ctx["target_latent"]
         x = tgt["samples"]
-        p0 = dm("nodes.ama").AMAModelPatch.execute(model, ref, 0.0, 0.0, 1.0)[0]
+        p0 = dm("nodes.node_ama").AMAModelPatch.execute(model, ref, 0.0, 0.0, 1.0)[0]
         with torch.inference_mode():
             noise = comfy.sample.prepare_noise(x, 0)
             out0 = comfy.sample.sample(p0, noise, steps, 7.5, "ddim", "ddim_uniform", pos, neg, x, seed=0,
                                        disable_pbar=True)
-            g0 = dm("nodes.guidance").MatchingGuidanceSampler.execute(
+            g0 = dm("nodes.node_guidance").MatchingGuidanceSampler.execute(
                 model, ref, 0, steps, 7.5, "ddim_uniform", pos, neg, tgt, 1.0, 0.0, 0.08, 1.0, "fast")
             g0 = g0[0]["samples"]
         rec["parity_ama_strength0_vs_vanilla"] = compare(out0, van_out)
@@ -579,7 +579,7 @@ def section_profile(rec: dict, bs, pack: str, dm, *, size: int, steps: int, repo
                             disable_pbar=True)
 
     def mg_run():
-        dm("nodes.guidance").MatchingGuidanceSampler.execute(
+        dm("nodes.node_guidance").MatchingGuidanceSampler.execute(
             patched, ref, 0, steps, 7.5, "ddim_uniform", pos, neg, ctx["target_latent"], 1.0, 50.0, 0.08,
             1.0, "fast", match=ctx["match"])
 

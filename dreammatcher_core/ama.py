@@ -1,4 +1,5 @@
-"""Appearance-matching self-attention (AMA): value injection with the target's own Q/K (method.md §5f-§5g).
+"""Appearance-matching self-attention (AMA): value injection with the target's own Q/K (docs/method.md,
+"Appearance matching self-attention (AMA)").
 
 ``V' = V_tgt + gate * (warp(V_ref, F_t2r) - V_tgt)`` with ``gate = strength * m_t * U``, then
 ``out = attention(Q_tgt, K_tgt, V')``.  The official code blends twice (first with the confidence ``U``,

@@ -1,6 +1,7 @@
 """Per-step diagnostics of appearance matching: how much of the target actually gets the reference.
 
-"No effect" is the most common complaint about appearance-transfer tools (anchors.md §5). In
+"No effect" is the most common complaint about appearance-transfer tools (the most common complaint in
+other packs' trackers). In
 DreamMatcher the reference reaches a target cell only where the *gate* ``mask * confidence`` is high,
 so three figures per sampling step explain most "nothing happened" runs:
 

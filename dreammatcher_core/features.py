@@ -1,7 +1,9 @@
-"""Matching descriptors: joint (co-)PCA of reference and target UNet features (method.md §2.2).
+"""Matching descriptors: joint (co-)PCA of reference and target UNet features (docs/method.md, "Decoder
+features and co-PCA descriptors").
 
 The official code projects each decoder layer with ``torch.pca_lowrank(q=256)``, which is randomised and
-consumes the global RNG (method.md §11.1 item 15).  Here the PCA is exact: the eigen-decomposition of the
+consumes the global RNG (docs/method.md, "Paper, official code and this pack").  Here the PCA is exact: the
+eigen-decomposition of the
 covariance (or a thin SVD when there are fewer pixels than channels), with a fixed sign
 convention, so the same inputs always give the same descriptor and the global RNG is never touched.  The
 top-``dim`` subspace is the one ``pca_lowrank`` approximates, so the descriptors agree with the official
@@ -120,7 +122,8 @@ def co_pca(feat_a: Tensor, feat_b: Tensor, dim: int) -> tuple[Tensor, Tensor]:
 def resize_descriptor(desc: Tensor, size: tuple[int, int]) -> Tensor:
     """Resize a descriptor ``[B,C,H,W]`` to an attention layer's grid ``size = (h, w)``.
 
-    Bilinear with ``align_corners=False`` as the official ``attn_batch_match`` (method.md §2.2 step 5):
+    Bilinear with ``align_corners=False`` as the official ``attn_batch_match`` (docs/method.md, "Decoder
+    features and co-PCA descriptors"):
     halving a 64x64 descriptor is then an exact 2x2 average.  It is *not* re-normalised: the matcher
     computes cosine similarity, which re-normalises anyway (as the official code does).
     """
@@ -145,7 +148,8 @@ def describe(
     grid_ref: tuple[int, int] | None = None,
     grid_tgt: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Official matching descriptor (method.md §2.2): ``(desc_ref [B,D,Hr,Wr], desc_tgt [B,D,Ht,Wt])``.
+    """Official matching descriptor (docs/method.md, "Decoder features and co-PCA descriptors"):
+    ``(desc_ref [B,D,Hr,Wr], desc_tgt [B,D,Ht,Wt])``.
 
     ``feats_ref[l]`` and ``feats_tgt[l]`` are the same decoder layer ``l`` of the two branches
     (``[B, C_l, H, W]``; official: ``up_blocks[1]`` 1280@32 and ``up_blocks[2]`` 640@64 of SD1.x).

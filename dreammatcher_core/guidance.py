@@ -1,10 +1,12 @@
-"""Semantic matching guidance (MG): loss, closed-form gradients and the epsilon update (method.md §6).
+"""Semantic matching guidance (MG): loss, closed-form gradients and the epsilon update (docs/method.md,
+"Matching guidance").
 
 Notation.  ComfyUI's epsilon models see ``x_in = x / sqrt(1 + sigma^2)``, which is the DDPM ``x_t`` with
 ``alpha_bar = 1 / (1 + sigma^2)``, and predict ``x0 = x - sigma * eps`` (identical to the official
 ``(x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)``).
 
-Official update (method.md §6): ``g = d loss / d x_in`` taken *only through eps* (x_t detached, every
+Official update (docs/method.md, "Matching guidance"): ``g = d loss / d x_in`` taken *only through eps*
+(x_t detached, every
 attention op under no_grad), then ``eps -= lambda_g * sqrt(1 - alpha_bar) * g``.  Because
 ``d x0 / d eps = -sigma``, ``g = -sigma * J^T grad_x0`` with ``J = d eps / d x_in``, and subtracting
 ``lambda * sqrt(1 - alpha_bar) * g`` moves x0 *down* the loss.  That "exact" mode needs a backward pass
@@ -72,7 +74,7 @@ def matching_loss(
 
     * ``"official"`` (default): ``sum((w * (ref - x0))**2) / sum(w expanded over channels)``; the mask is
       applied *before* squaring (effective weight ``w**2``) while the denominator is linear in ``w``;
-      a zero denominator skips the division (method.md §6 and §11.1 item 7).
+      a zero denominator skips the division (docs/method.md, "Matching guidance").
     * ``"paper"`` (Eq. 11 as described, per-pixel L2 norm): ``sum_p w_p * ||ref_p - x0_p||_2 / sum_p w_p``
       with the same zero guard.  The norm's gradient at a zero residual is taken as 0 (subgradient).
     """

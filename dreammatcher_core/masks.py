@@ -1,4 +1,5 @@
-"""Soft foreground masks from cross-attention maps, and attention-grid geometry (method.md §4).
+"""Soft foreground masks from cross-attention maps, and attention-grid geometry (docs/method.md, "Subject
+mask").
 
 Geometry.  ComfyUI flattens a UNet attention layer's ``h x w`` feature map to ``h*w`` tokens in
 row-major order (token ``y*w + x``).  The UNet reaches lower resolutions with stride-2 3x3 convolutions
@@ -12,7 +13,7 @@ level whose ``h*w`` equals the layer's sequence length (``h*w`` strictly decreas
 Masks.  The official code averages the head-mean cross-attention probabilities of the five 16x16 layers,
 takes the map of the concept token(s) (summing several), min-max normalises it per image and resizes it
 with nearest-neighbour interpolation to the layer that uses it.  The mask stays soft (``thres`` is dead
-code there, method.md §4).  Two deliberate, documented differences:
+code there, docs/method.md, "Subject mask").  Two deliberate, documented differences:
 
 * the min-max uses ``max(max - min, eps)`` as denominator (the official code divides by zero on a
   constant map).  A constant map therefore becomes all zeros: no evidence of a foreground, so AMA does

@@ -1,4 +1,5 @@
-"""Dense argmax matching, warping and cycle consistency (method.md §5a-§5e).
+"""Dense argmax matching, warping and cycle consistency (docs/method.md, "Semantic matching",
+"Cycle-consistency confidence").
 
 Conventions (shared by the whole package and by the nodes):
 
@@ -525,7 +526,8 @@ def argmax_flows(
     """Argmax-of-cosine-similarity flows ``(flow_t2r [B,2,Ht,Wt], flow_r2t [B,2,Hr,Wr])``.
 
     The two grids may differ in size and aspect.  This is the official ``correlation_to_flow_w_argmax``
-    (method.md §5b) without the cost volume: see :func:`match_indices` for chunking, exactness and ties.
+    (docs/method.md, "Semantic matching") without the cost volume: see :func:`match_indices` for chunking,
+    exactness and ties.
     """
     idx_t2r, idx_r2t = match_indices(feat_tgt, feat_ref, chunk_size=chunk_size)
     return flows_from_indices(
@@ -585,7 +587,8 @@ def warp(x_ref: Tensor, flow_t2r: Tensor, *, integral: bool | None = None) -> Te
       per-image flow without copying it.
     * Integer flows (all argmax flows) are an exact gather, bit for bit, with zeros outside the reference.
       The official code runs ``grid_sample`` here, which gives the same values up to rounding of the
-      bilinear weights; the gather is exact and cheaper (method.md §11.2 item 2).
+      bilinear weights; the gather is exact and cheaper (docs/method.md, "Paper, official code and this
+      pack").
     * Fractional flows sample bilinearly exactly like the official ``warp``: ``grid_sample`` with
       ``align_corners=True`` (pixel centres at ``2v/(size-1) - 1``) and ``padding_mode="zeros"``.
       Half/bfloat16 inputs are sampled in float32 and cast back (the official code warps in float32).
@@ -680,7 +683,8 @@ def cycle_error(flow_t2r: Tensor, flow_r2t: Tensor, *, integral: bool | None = N
     """Forward-backward error ``[B,1,Ht,Wt]``: ``|F_t2r(p) + F_r2t(p + F_t2r(p))|`` in target pixels.
 
     That is the distance between p and the point reached by going to its reference match and back
-    (official ``warp(F_r2t, F_t2r)`` form, method.md §5d).  A match that leaves the reference grid reads
+    (official ``warp(F_r2t, F_t2r)`` form, docs/method.md, "Semantic matching").  A match that leaves the
+    reference grid reads
     a zero backward flow (zeros padding), exactly like the official code.  The norm is computed as
     ``sqrt(dx*dx + dy*dy)`` so integer Pythagorean cases are exact. ``integral`` as in :func:`warp`.
     """
@@ -699,7 +703,8 @@ def confidence(cycle_err: Tensor, fg_mask: Tensor, lambda_c: float) -> Tensor:
     """Binary cycle-consistency confidence ``[B,1,Ht,Wt]`` (paper Eq. 8, threshold as the official code).
 
     ``1.0`` where ``cycle_err < lambda_c * sqrt(Ht*Wt) * mean(fg_mask[b])``, else ``0.0``, per batch item.
-    The official threshold is ``cc_thres * H * fg_ratio`` on square grids (method.md §5e); ``sqrt(H*W)``
+    The official threshold is ``cc_thres * H * fg_ratio`` on square grids (docs/method.md,
+    "Cycle-consistency confidence"); ``sqrt(H*W)``
     is the same on squares and the natural side length for any aspect ratio.  The comparison is strict,
     so an empty mask (mean 0) makes every pixel unconfident, as in the official code.
     """

@@ -1,8 +1,8 @@
 """The reference trajectory: DDIM-inverted reference latents at every sigma of a schedule.
 
-DreamMatcher replays the reference image's inverted latent at each sampling step (method.md
-§1.2-§1.3), so the trajectory is looked up by *sigma* (ComfyUI's native step coordinate)
-rather than by step index: a lookup survives samplers that split or re-order model calls, and
+DreamMatcher replays the reference image's inverted latent at each sampling step (docs/method.md,
+"Reference inversion and trajectory"), so the trajectory is looked up by *sigma* (ComfyUI's native
+step coordinate) rather than by step index: a lookup survives samplers that split or re-order model calls, and
 a schedule mismatch becomes a clear error instead of a silently wrong latent.
 
 Conventions (the shared data contract):
@@ -34,6 +34,17 @@ import torch
 FORMAT_VERSION = 1
 FORMAT_NAME = "dreammatcher-trajectory"
 #: The file suffix the nodes use (``<name>.dm.safetensors``).
+#: How close a sampler's sigma must be to a recorded one to count as the same (sigmas travel
+#: through devices and dtypes during sampling). The one tolerance every sigma comparison uses.
+SIGMA_RTOL = 1e-4
+SIGMA_ATOL = 1e-6
+
+
+def same_sigma(a: float, b: float) -> bool:
+    """Whether ``a`` equals the reference sigma ``b`` within ``SIGMA_ATOL + SIGMA_RTOL * |b|``."""
+    return abs(float(a) - float(b)) <= SIGMA_ATOL + SIGMA_RTOL * abs(float(b))
+
+
 SUFFIX = ".dm.safetensors"
 
 #: dtypes a trajectory may hold (fp8 model weights store their latents in the compute dtype).
@@ -109,11 +120,11 @@ class Trajectory:
         diff = (self.sigmas.double() - float(sigma)).abs()
         return diff <= atol + rtol * abs(float(sigma))
 
-    def contains(self, sigma: float, *, rtol: float = 1e-4, atol: float = 1e-6) -> bool:
+    def contains(self, sigma: float, *, rtol: float = SIGMA_RTOL, atol: float = SIGMA_ATOL) -> bool:
         """Whether ``sigma`` is (within tolerance) one of the recorded sigmas."""
         return bool(self._matches(sigma, rtol, atol).any())
 
-    def index_of(self, sigma: float, *, rtol: float = 1e-4, atol: float = 1e-6) -> int:
+    def index_of(self, sigma: float, *, rtol: float = SIGMA_RTOL, atol: float = SIGMA_ATOL) -> int:
         """Index of the recorded sigma equal to ``sigma`` within ``atol + rtol*|sigma|``.
 
         A tolerance is needed because sigmas travel through devices and dtypes during
@@ -137,7 +148,7 @@ class Trajectory:
             "(and denoise 1.0), or invert the reference again with the sampler's settings."
         )
 
-    def at(self, sigma: float, *, rtol: float = 1e-4, atol: float = 1e-6) -> torch.Tensor:
+    def at(self, sigma: float, *, rtol: float = SIGMA_RTOL, atol: float = SIGMA_ATOL) -> torch.Tensor:
         """The reference latents ``[N, C, H, W]`` at ``sigma`` (CPU, model dtype)."""
         return self.latents[self.index_of(sigma, rtol=rtol, atol=atol)]
 

@@ -1,5 +1,8 @@
-"""Thin ComfyUI adapters over :mod:`dreammatcher_core`.
+"""The ComfyUI side of the pack: node declarations over runtimes over one host layer.
 
-Only :mod:`.host` touches ComfyUI internals (``comfy.*``); the other modules use the public
-node API (``comfy_api.latest``) and the helpers that :mod:`.host` exposes.
+Layers, each importing only those below it (``tests/core/test_layering.py`` enforces it):
+``dreammatcher_core`` (pure maths) <- ``layout``/``config``/``subject`` (plain data and policy) <-
+``host`` (the only code importing ComfyUI) <- runtimes (``inversion``, ``reference``, ``capture``,
+``ama``, ``guidance``/``guidance_run``, ``inspector``/``inspector_match``) <- node declarations
+(``node_*.py``, ``sockets``, ``extension``). ``docs/architecture.md`` walks through it.
 """

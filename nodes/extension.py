@@ -1,42 +1,24 @@
-"""Registration of the pack's nodes with ComfyUI (V3 ``ComfyExtension``)."""
+"""Registration of the pack's nodes with ComfyUI (V3 ``ComfyExtension``), with an explicit node list.
+
+The order is the display order in menus.
+"""
 
 from __future__ import annotations
 
-import importlib
-import logging
-
 from .host import require_node_api
-
-log = logging.getLogger("dreammatcher")
-
-#: Modules (relative to this package) that hold node classes, each listing them in ``NODES``.
-#: Order matters only for the display order in menus.
-NODE_MODULES: tuple[str, ...] = (
-    "invert",
-    "features",
-    "match",
-    "ama",
-    "guidance",
-    "diagnostics",
-)
 
 
 def node_classes() -> list[type]:
-    """Collect the node classes of every node module that exists.
+    """Every node class of the pack (imported here, when ComfyUI asks, so the host is up)."""
+    from .node_ama import AMAModelPatch
+    from .node_diagnostics import AMADiagnostics
+    from .node_features import ExtractFeatures
+    from .node_guidance import MatchingGuidance, MatchingGuidanceSampler
+    from .node_invert import InvertReference, LoadReference, SaveReference
+    from .node_match import SemanticMatch
 
-    A module file that is absent (e.g. a trimmed install) is skipped; any other import error
-    is raised, because hiding it would leave users with silently missing nodes.
-    """
-    classes: list[type] = []
-    for name in NODE_MODULES:
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.{name}":
-                continue
-            raise
-        classes.extend(getattr(module, "NODES", ()))
-    return classes
+    return [InvertReference, SaveReference, LoadReference, ExtractFeatures, SemanticMatch,
+            AMAModelPatch, MatchingGuidanceSampler, MatchingGuidance, AMADiagnostics]
 
 
 def make_extension():

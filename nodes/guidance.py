@@ -1,174 +1,131 @@
-"""``DM_MatchingGuidanceSampler`` ("Matching Guidance Sampler") and ``DM_MatchingGuidance``.
+"""Semantic matching guidance (DM_MatchingGuidanceSampler / DM_MatchingGuidance) as a sampler function.
 
-Semantic matching guidance (paper Eq. 9-11, method.md §6): at each guided step the target's
-predicted clean latent is pulled toward the reference's clean latent z0, warped along the current
-correspondence and weighted by the semantic-consistent mask. The first node is a KSampler-like
-node that runs DDIM (deterministic Euler in sigma space) on the reference's schedule; the second
-offers the same guidance as a ``SAMPLER`` for SamplerCustom / SamplerCustomAdvanced.
+At each guided step the target's predicted clean latent is pulled toward the reference's clean
+latent z0, warped along the current correspondence and weighted by the confidence (and the subject
+mask when the AMA patch provides it). The sampler is deterministic DDIM (Euler in sigma space); the
+per-step work lives in :mod:`.guidance_run`. ``docs/method.md`` ("Matching guidance") has the method.
 
-The sampling loop, the gradient escape from ``torch.inference_mode`` and all ComfyUI plumbing
-live in :mod:`.host` (section "matching guidance"); this module only declares the nodes.
-
-Input names and order are a public contract (saved workflows).
+Parametrisation (derived once here, used by every function below). ComfyUI's latent at noise
+level sigma is the variance-exploding x = x0 + sigma*eps, while the UNet (and the official code)
+sees z_t = x * sqrt(abar) with abar = 1 / (1 + sigma^2), so sqrt(1 - abar) = sigma * sqrt(abar).
+The official update is  eps_branch -= lambda_g * sqrt(1 - abar) * dL/dz_t  where the loss sees
+x0 = (z_t_detached - sqrt(1-abar) eps(z_t)) / sqrt(abar) = x_detached - sigma * eps(x): the same x0
+ComfyUI writes, with the gradient flowing through eps only. Because z_t = sqrt(abar) x,
+dL/dz_t = dL/dx / sqrt(abar), hence
+    sqrt(1 - abar) * dL/dz_t = sigma * sqrt(abar) * dL/dx / sqrt(abar) = sigma * dL/dx
+    eps_branch -= lambda_g * sigma * dL/dx
+    denoised_branch = x - sigma * eps_branch  ->  denoised_branch += lambda_g * sigma^2 * dL/dx
+and CFG is applied afterwards to the guided branches, as in the official code.
+Fast mode replaces dL/dx (a UNet backward) by its value when the clean estimate is held constant,
+d eps/dx = I/sigma, i.e. dL/dx = -dL/dx0 in closed form: denoised -= lambda * sigma^2 * dL/dx0
+(dreammatcher_core.guidance.fast_guided_denoised). Same sign and sigma^2 scale as the exact mode;
+the exact mode's true Jacobian shrinks the pull where the model reacts to its input.
 """
 
 from __future__ import annotations
 
-from . import ama_runtime, host
-from .config import FeatureConfig, MatchConfig
-from .diagnostics import diagnostics_report
-from .host import require_node_api
-from .types import CATEGORY, DMFeatures, DMMatch, DMReference
+from dataclasses import dataclass
 
-io = require_node_api().io
+import torch
 
-MODES = ["exact", "fast"]
-REFERENCE_TIP = "The inverted reference from 'DDIM Invert Reference' (or 'Load Reference')."
+from .guidance_run import GuidanceRun, guidance_window
+from .host import sampling
 
 
-def guidance_inputs() -> list:
-    """The guidance widgets shared by both nodes (same names, defaults and tooltips)."""
-    return [
-        io.Float.Input(
-            "guidance_scale", default=50.0, min=0.0, max=1000.0, step=1.0,
-            tooltip=("Matching guidance weight λg (official code 50; the paper uses 75 for ViCo prompts). "
-                     "0 disables guidance: the result equals plain DDIM."),
-        ),
-        io.Float.Input(
-            "guidance_start", default=0.08, min=0.0, max=1.0, step=0.01,
-            tooltip=("Start of guidance as a fraction of the schedule (ComfyUI's start_percent). 0.08 first "
-                     "guides step 4 of 50, as the official code."),
-        ),
-        io.Float.Input(
-            "guidance_end", default=1.0, min=0.0, max=1.0, step=0.01,
-            tooltip="End of guidance as a fraction of the schedule (1.0 = until the last step).",
-        ),
-        io.Combo.Input(
-            "mode", options=MODES, default="exact",
-            tooltip=("'exact' backpropagates through the UNet as the official code (gradient through the "
-                     "noise prediction, about 3x the cost of a step); 'fast' needs no backward pass: it "
-                     "uses the closed-form pull on the predicted clean latent with the same sign and scale "
-                     "convention."),
-        ),
-    ]
+@dataclass(eq=False)
+class GuidanceSpec:
+    """Everything the guidance sampler needs besides the sampling call itself.
+
+    Shared, never copied (``__deepcopy__`` returns self): it holds the reference, whose trajectory
+    can be tens of megabytes.
+    """
+
+    reference: object
+    scale: float = 50.0
+    start_percent: float = 0.08
+    end_percent: float = 1.0
+    mode: str = "exact"
+    lambda_c: float = 0.4
+    feature_layers: tuple[int, ...] | None = None
+    pca_dim: int = 256
+    #: Optional observer ``probe(info: dict)`` called once per guided branch (tests, diagnostics).
+    probe: object = None
+
+    def __deepcopy__(self, memo: dict) -> GuidanceSpec:
+        return self
 
 
-def optional_config_inputs() -> list:
-    return [
-        DMMatch.Input(
-            "match", optional=True,
-            tooltip="Optional Semantic Match configuration (λc of the cycle-consistency confidence).",
-        ),
-        DMFeatures.Input(
-            "features", optional=True,
-            tooltip="Optional Extract Diffusion Features configuration (decoder layers and PCA size) used "
-                    "when the MODEL carries no AMA patch.",
-        ),
-    ]
-
-
-def make_spec(reference, guidance_scale: float, guidance_start: float, guidance_end: float, mode: str,
-              match: MatchConfig | None = None, features: FeatureConfig | None = None) -> host.GuidanceSpec:
-    """Validate the widgets and build the sampler's :class:`host.GuidanceSpec`."""
-    if reference is None or not hasattr(reference, "trajectory"):
-        raise ValueError("Matching guidance needs a DM_REFERENCE: connect 'DDIM Invert Reference' (or "
-                         "'Load Reference') to the 'reference' input.")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}; got '{mode}'.")
-    if guidance_end < guidance_start:
-        raise ValueError(f"guidance_end ({guidance_end}) is before guidance_start ({guidance_start}); "
-                         "set guidance_end >= guidance_start.")
-    match = match or MatchConfig()
-    features = features or FeatureConfig()
-    return host.GuidanceSpec(
-        reference=reference, scale=float(guidance_scale), start_percent=float(guidance_start),
-        end_percent=float(guidance_end), mode=mode, lambda_c=float(match.lambda_c),
-        feature_layers=tuple(features.layers) if features.layers else None, pca_dim=int(features.pca_dim),
-    )
-
-
-class MatchingGuidanceSampler(io.ComfyNode):
-    """KSampler-like DDIM sampler with DreamMatcher's semantic matching guidance."""
-
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="DM_MatchingGuidanceSampler",
-            display_name="Matching Guidance Sampler",
-            category=CATEGORY,
-            description=(
-                "DDIM sampling with DreamMatcher's semantic matching guidance: each guided step pulls the "
-                "target's predicted clean latent toward the reference, warped along the semantic "
-                "correspondence and masked by its confidence. Use it after 'AMA Model Patch' for the full "
-                "paper method; it also works on a plain MODEL. Steps and scheduler must match the reference."
-            ),
-            inputs=[
-                io.Model.Input("model", tooltip="The model (ideally patched by 'AMA Model Patch')."),
-                DMReference.Input("reference", tooltip=REFERENCE_TIP),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="The random seed used for creating the noise."),
-                io.Int.Input("steps", default=50, min=1, max=10000,
-                             tooltip="Sampling steps; must equal the steps the reference was inverted with."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale (the official code uses 10)."),
-                io.Combo.Input("scheduler", options=host.scheduler_names(), default="ddim_uniform",
-                               tooltip="Noise schedule; must equal the reference's scheduler (official: "
-                                       "ddim_uniform)."),
-                io.Conditioning.Input("positive", tooltip="The target prompt."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt (the official code: empty)."),
-                io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. Empty Latent Image)."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Denoise strength; below 1.0 the sigmas must still be on the "
-                                       "reference's schedule in the guided window."),
-                *guidance_inputs(),
-                *optional_config_inputs(),
-            ],
-            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+def check_guidance_schedule(reference, sigmas: torch.Tensor, window: tuple[float, float]) -> None:
+    """Fail clearly if a guided sigma is not a sigma of the reference's trajectory."""
+    traj = reference.trajectory
+    hi, lo = window
+    missing = [float(s) for s in sigmas[:-1] if lo <= float(s) <= hi and not traj.contains(float(s))]
+    if missing:
+        meta = traj.meta
+        raise ValueError(
+            "Matching guidance: the reference was inverted on another schedule "
+            f"(steps={meta.get('steps', '?')}, scheduler={meta.get('scheduler', '?')}, "
+            f"sigmas {float(traj.sigmas[0]):.4f}..{float(traj.sigmas[-2]):.4f}); "
+            f"this sampler's sigma {missing[0]:.4f} is not in it. Use the same steps and scheduler on "
+            "'DDIM Invert Reference' and on the sampler, with denoise 1.0 (or re-invert the reference)."
         )
 
-    @classmethod
-    def execute(cls, model, reference, seed, steps, cfg, scheduler, positive, negative, latent_image,
-                denoise, guidance_scale, guidance_start, guidance_end, mode, match=None,
-                features=None) -> io.NodeOutput:
-        spec = make_spec(reference, guidance_scale, guidance_start, guidance_end, mode, match, features)
-        check = getattr(reference, "check_model", None)
-        if check is not None:
-            check(model)
-        out = host.guidance_sample(model, spec, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
-                                   positive=positive, negative=negative, latent=latent_image, denoise=denoise)
-        if ama_runtime.holder_of(model) is None:
-            return io.NodeOutput(out)
-        # The sampler runs after the patch, so it can show what AMA did in this very run.
-        return io.NodeOutput(out, ui=require_node_api().ui.PreviewText(diagnostics_report(model)[0]))
+
+@torch.no_grad()
+def sample_matching_guidance(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                             dm_guidance=None):
+    """KSAMPLER function: deterministic Euler (= DDIM, eta 0) in sigma space with matching guidance.
+
+    Unguided steps are bit-identical to ComfyUI's ``sample_euler`` (its ``ddim`` sampler). Guided
+    steps route the model call through a ``sampler_calc_cond_batch_function`` so the guidance
+    acts on the cond and uncond predictions separately *before* CFG, while ComfyUI still does
+    inpainting masks, pre-/post-CFG functions and the CFG combination itself.
+    """
+    from tqdm.auto import trange
+
+    spec: GuidanceSpec = dm_guidance
+    extra_args = {} if extra_args is None else extra_args
+    run = GuidanceRun(spec, model, x, extra_args)
+    sampling.refuse_multigpu(model_patcher=run.model_patcher, model_options=extra_args.get("model_options"),
+                             what="matching guidance")
+    check_guidance_schedule(spec.reference, sigmas, run.window)
+    checker = getattr(spec.reference, "check_model", None)
+    if checker is not None and run.model_patcher is not None:
+        checker(run.model_patcher)
+    s_in = x.new_ones([x.shape[0]])
+    base_options = extra_args.get("model_options", {})
+    run.inner_calc = base_options.get("sampler_calc_cond_batch_function")
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma_hat = sigmas[i]
+        if run.active(float(sigma_hat)):
+            hooked = {**base_options, "sampler_calc_cond_batch_function": run.calc_cond_batch}
+            guided = {**extra_args, "model_options": hooked}
+            denoised = model(x, sigma_hat * s_in, **guided)
+        else:
+            denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = sampling.to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        dt = sigmas[i + 1] - sigma_hat
+        x = x + d * dt
+    return x
 
 
-class MatchingGuidance(io.ComfyNode):
-    """The guidance as a ``SAMPLER`` (DDIM/Euler with guidance) for SamplerCustom(Advanced)."""
-
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="DM_MatchingGuidance",
-            display_name="Matching Guidance (SAMPLER)",
-            category=CATEGORY,
-            description=(
-                "A SAMPLER (deterministic DDIM/Euler) with DreamMatcher's semantic matching guidance, for "
-                "SamplerCustom and SamplerCustomAdvanced. Use sigmas from the same steps and scheduler "
-                "as the reference's inversion."
-            ),
-            inputs=[
-                DMReference.Input("reference", tooltip=REFERENCE_TIP),
-                *guidance_inputs(),
-                *optional_config_inputs(),
-            ],
-            outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustom / SamplerCustomAdvanced.")],
-        )
-
-    @classmethod
-    def execute(cls, reference, guidance_scale, guidance_start, guidance_end, mode, match=None,
-                features=None) -> io.NodeOutput:
-        spec = make_spec(reference, guidance_scale, guidance_start, guidance_end, mode, match, features)
-        return io.NodeOutput(host.make_guidance_sampler(spec))
+def make_guidance_sampler(spec: GuidanceSpec):
+    """The ``SAMPLER`` object for SamplerCustom(Advanced)."""
+    return sampling.ksampler(sample_matching_guidance, extra_options={"dm_guidance": spec})
 
 
-NODES = [MatchingGuidanceSampler, MatchingGuidance]
+def guidance_sample(model_patcher, spec: GuidanceSpec, *, seed: int, steps: int, cfg: float, scheduler: str,
+                    positive, negative, latent: dict, denoise: float) -> dict:
+    """The KSampler-like node's body: schedule check, previews/progress, sample_custom."""
+    sampling.refuse_multigpu(model_patcher=model_patcher, what="matching guidance")
+    sigmas = sampling.ksampler_sigmas(model_patcher, steps, scheduler, denoise)
+    ms = model_patcher.get_model_object("model_sampling")
+    check_guidance_schedule(spec.reference, sigmas, guidance_window(ms, spec.start_percent, spec.end_percent))
+    callback = sampling.progress_callback(model_patcher, len(sigmas) - 1)
+    samples = sampling.sample_custom(model_patcher, make_guidance_sampler(spec), sigmas, positive, negative,
+                                     latent, seed=seed, cfg=cfg, callback=callback)
+    out = latent.copy()
+    out["samples"] = samples
+    return out

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ..dreammatcher_core.trajectory import SUFFIX, Trajectory, TrajectoryFileError
-from . import host
+from .host import folders as host_folders
+from .host import model as host_model
 
 log = logging.getLogger("dreammatcher")
 
@@ -51,7 +52,7 @@ class Reference:
 
     def check_model(self, model_patcher) -> None:
         """Raise a clear ValueError if this reference was built for another model family/layout."""
-        latent_format, fingerprint = host.model_fingerprint(model_patcher)
+        latent_format, fingerprint = host_model.model_fingerprint(model_patcher)
         self.trajectory.validate_against(latent_format, fingerprint)
 
     def check_schedule(self, sigmas) -> list[int]:
@@ -61,10 +62,6 @@ class Reference:
         recorded ones) so a steps/scheduler/denoise mismatch is reported before sampling.
         """
         return [self.trajectory.index_of(float(s)) for s in torch.as_tensor(sigmas).flatten().tolist()]
-
-    def latents_at(self, sigma: float) -> torch.Tensor:
-        """Reference latents ``[N, C, H, W]`` (model space, CPU) at ``sigma``."""
-        return self.trajectory.at(sigma)
 
     # ---- files ---------------------------------------------------------------------------
 
@@ -183,7 +180,7 @@ def _safe_name(filename_prefix: str) -> str:
 def save_path(filename_prefix: str) -> Path:
     """Next free ``<output>/dreammatcher/<name>_NNNNN.dm.safetensors`` for ``filename_prefix``."""
     name = _safe_name(filename_prefix)
-    folder = host.reference_roots()["output"] / SUBFOLDER
+    folder = host_folders.reference_roots()["output"] / SUBFOLDER
     folder.mkdir(parents=True, exist_ok=True)
     pattern = re.compile(re.escape(name) + r"_(\d{5,})" + re.escape(SUFFIX) + "$")
     used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
@@ -193,7 +190,7 @@ def save_path(filename_prefix: str) -> Path:
 def list_files() -> list[str]:
     """Combo values: ``output/dreammatcher/*``, ``input/dreammatcher/*`` and ``input/*`` references."""
     found = []
-    roots = host.reference_roots()
+    roots = host_folders.reference_roots()
     for root_name, sub in (("output", SUBFOLDER), ("input", SUBFOLDER), ("input", "")):
         folder = roots[root_name] / sub if sub else roots[root_name]
         if folder.is_dir():
@@ -206,7 +203,7 @@ def list_files() -> list[str]:
 def resolve_file(value: str) -> Path:
     """Resolve a combo value to a file inside the output/input folder, refusing traversal."""
     parts = str(value).replace("\\", "/").split("/")
-    roots = host.reference_roots()
+    roots = host_folders.reference_roots()
     if (len(parts) < 2 or parts[0] not in roots or any(p in ("", ".", "..") for p in parts[1:])
             or os.path.isabs(str(value)) or not parts[-1].endswith(SUFFIX)):
         raise ValueError(

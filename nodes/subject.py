@@ -1,6 +1,7 @@
 """Resolve the subject words ("sks dog", ``embedding:my_cat``) to token positions of the target prompt.
 
-WHY: the foreground mask is the cross-attention of the *subject tokens* (method.md §4). Users must
+WHY: the foreground mask is the cross-attention of the *subject tokens* (docs/method.md, "Subject mask").
+Users must
 never count tokens, and the positions must match the conditioning tensor exactly, including
 textual-inversion vectors and prompts longer than one 77-token chunk. So we tokenize with the very
 CLIP object that encodes the prompt, and search the subject's own tokenization inside the prompt's.

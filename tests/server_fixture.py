@@ -1,4 +1,4 @@
-"""A real ComfyUI server for the e2e and browser tiers (host-setup.md, comfyui-host.md §8).
+"""A real ComfyUI server for the e2e and browser tiers (docs/host.md).
 
 The server runs ``main.py`` of the ComfyUI root (``COMFYUI_PATH`` or the pinned copy in
 ``.host/comfyui``) on a free loopback port, with every directory under a temporary

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = os.environ.get("DM_CHROMIUM", "/usr/bin/chromium")
-#: host-setup.md's flags. Playwright adds ``--headless`` and its own empty ``--user-data-dir``.
+#: docs/host.md's flags. Playwright adds ``--headless`` and its own empty ``--user-data-dir``.
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -1,4 +1,4 @@
-"""Browser tier: the per-step AMA diagnostics reach the user in the real frontend (issue 7 §3).
+"""Browser tier: the per-step AMA diagnostics reach the user in the real frontend.
 
 The graph LoadImage → VAEEncode → DM_InvertReference → DM_AMAPatch → KSampler → DM_AMADiagnostics
 runs on the random narrow SD1.5 checkpoint, queued through the page so the websocket ``executed``

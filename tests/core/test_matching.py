@@ -1,4 +1,4 @@
-"""Oracle tests for dreammatcher_core.matching (issue 3): flows, warp, cycle error, confidence."""
+"""Oracle tests for dreammatcher_core.matching: flows, warp, cycle error, confidence."""
 
 from __future__ import annotations
 

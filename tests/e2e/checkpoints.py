@@ -1,4 +1,4 @@
-"""Random-weight model files for the e2e tier, written at test time (host-setup.md).
+"""Random-weight model files for the e2e tier, written at test time (docs/host.md).
 
 * ``narrow SD1.5 checkpoint``: model_channels 320 with channel_mult (1,1,1,1) and everything else
   SD1.5, so the *unmodified* host detects it as SD15 (detection only checks context_dim,

@@ -1,4 +1,4 @@
-"""e2e: the full DreamMatcher graph on a real server (issue 5 §8).
+"""e2e: the full DreamMatcher graph on a real server.
 
 LoadImage → VAEEncode → DM_InvertReference → DM_AMAPatch (+ DM_SemanticMatch with a TI subject)
 → stock KSampler → VAEDecode → SaveImage, on the random narrow SD1.5 checkpoint with a LoRA and

@@ -1,4 +1,4 @@
-"""e2e: the full paper pipeline with matching guidance on a real server (issue 6 §6).
+"""e2e: the full paper pipeline with matching guidance on a real server.
 
 LoadImage → VAEEncode → DM_InvertReference → DM_AMAPatch → DM_MatchingGuidanceSampler → VAEDecode →
 SaveImage on the random narrow SD1.5 checkpoint. The guided image must differ from the same graph

@@ -1,4 +1,4 @@
-"""e2e: LoadImage -> VAEEncode -> DM_InvertReference -> DM_SaveReference on a real server (issue 4 §8).
+"""e2e: LoadImage -> VAEEncode -> DM_InvertReference -> DM_SaveReference on a real server.
 
 Runs on the random narrow SD1.5 checkpoint; the saved file is then loaded back in-process with
 the core reader and checked against the schedule and the reference latent.

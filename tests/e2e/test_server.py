@@ -3,7 +3,7 @@
 The stock-graph test is the proof that the test host itself is real: a detected SD1.5
 checkpoint, a kohya LoRA and a TI embedding go through ComfyUI's own loaders and sampler and
 produce a PNG. ComfyUI prints no positive "applied" line, so application is proven by the
-absence of its skip warnings AND by a changed image (host-setup.md, "LoRA and textual
+absence of its skip warnings AND by a changed image (docs/host.md, "LoRA and textual
 inversion with random weights").
 """
 

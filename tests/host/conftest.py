@@ -1,4 +1,4 @@
-"""Host tier: the pack loaded into an in-process ComfyUI (comfyui-host.md §8.4).
+"""Host tier: the pack loaded into an in-process ComfyUI (docs/host.md).
 
 Fixtures:
 - ``host``: boots ComfyUI once per session (CPU, temp input/output dirs) and loads this pack

@@ -1,4 +1,4 @@
-"""DM_AMAPatch (issue 5 §6): parity, no mutation, self-reference oracle, effect, batching invariance,
+"""DM_AMAPatch: parity, no mutation, self-reference oracle, effect, batching invariance,
 composition, cleanup and schedule mismatch, on the tiny SD1.5 and SDXL layouts.
 
 Every figure the issue asks to *report* is printed (run with ``-s``) and asserted with a margin.
@@ -19,7 +19,7 @@ LAYOUTS = ["sd15", "sdxl"]
 @pytest.fixture(scope="module")
 def refs(dm, tiny):
     """layout -> (model, reference) with the reference inverted over STEPS ddim_uniform steps."""
-    inv = dm("nodes.invert")
+    inv = dm("nodes.node_invert")
     cache = {}
 
     def get(layout: str, h: int = 16, w: int = 16):
@@ -27,7 +27,7 @@ def refs(dm, tiny):
         if key not in cache:
             model = tiny.build(layout, seed=1)
             with torch.inference_mode():
-                out = inv.DM_InvertReference.execute(model, tiny.latent(3, h, w), tiny.cond(1), steps=STEPS)
+                out = inv.InvertReference.execute(model, tiny.latent(3, h, w), tiny.cond(1), steps=STEPS)
             cache[key] = (model, out.result[0])
         return cache[key]
 
@@ -39,7 +39,7 @@ def patch(dm, model, ref, **kw):
 
 
 def holder_of(dm, model):
-    return model.model_options["transformer_options"][dm("nodes.ama_runtime").HOLDER_KEY]
+    return dm("nodes.ama").patch_of(model)
 
 
 def replay(model, pos, neg, xs, sigmas, cfg=5.0):
@@ -94,10 +94,11 @@ def rel(a, b) -> float:
 # ------------------------------------------------------------------------------------------ layout
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_defaults(layout, dm, tiny, refs):
-    host, rt = dm("nodes.host"), dm("nodes.ama_runtime")
+    host, rt = dm("nodes.host.model"), dm("nodes.ama.settings")
     model, _ = refs(layout)
     lay = host.unet_layout(model)
-    s = rt.resolve_settings(lay, strength=1, start_percent=0.08, end_percent=1, layer_preset=rt.PRESETS[0],
+    s = rt.resolve_settings(lay, strength=1, start_percent=0.08, end_percent=1,
+                            layer_preset=dm("nodes.layout").PRESETS[0],
                             custom_layers="", match=dm("nodes.config").MatchConfig(subject_tokens=(3,)))
     if layout == "sd15":
         assert lay.family == "sd15"
@@ -385,14 +386,14 @@ def test_clone_shares_holder_trajectory_and_banks(dm, refs, tiny, sample):
     assert hc is h and hc.reference is ref and hc.reference.trajectory is ref.trajectory
     assert copy.deepcopy(ref.trajectory) is ref.trajectory
     table = c.model_options["transformer_options"]["patches_replace"]["attn1"]
-    assert all(getattr(fn, "_dm_holder", None) is h for fn in table.values())
+    assert all(getattr(fn, "_dm_patch", None) is h for fn in table.values())
     runs = []
     hc.observers.append(lambda ev, call, **k: runs.append(call.run))
     sample(c, tiny.cond(5), tiny.cond(6), tiny.latent(4), steps=STEPS, seed=3)
     run = runs[0]
-    assert all(r is run for r in runs) and copy.deepcopy(run) is run and run.holder is h
+    assert all(r is run for r in runs) and copy.deepcopy(run) is run and run.patch is h
     # The run's banks were dropped when sampling ended.
-    assert not run.ref_v and not run.ref_feats and not run.tgt_feats and not run.flows
+    assert not run.ref_v and not run.corr.ref_feats and not run.corr.tgt_feats and not run.corr.flows
     h.observers.clear()
 
 
@@ -507,7 +508,7 @@ def test_exception_mid_sampling_leaves_nothing_behind(dm, tiny, refs, sample):
         sample(p, pos, neg, lat, steps=STEPS, seed=3)
     h.observers.clear()
     run = runs[-1]
-    assert not run.ref_v and not run.tgt_feats and not run.ref_feats and not run.desc
+    assert not run.ref_v and not run.corr.tgt_feats and not run.corr.ref_feats and not run.corr.desc
     assert "dreammatcher_ama_run" not in p.model_options["transformer_options"]
     assert torch.equal(sample(p, pos, neg, lat, steps=STEPS, seed=3), good)
 
@@ -518,7 +519,7 @@ def test_prefetched_matches_equal_lazy_ones(layout, dm, tiny, refs, sample, monk
     lazily at the first AMA layer (batch of 2 with cfg; the split cond/uncond batch runs with prefetch
     in ``test_batching_invariance``)."""
     model, ref = refs(layout)
-    rt = dm("nodes.ama_runtime")
+    rt = dm("nodes.ama.run")
     pos, neg, lat = tiny.cond(7), tiny.cond(6), tiny.latent(4, 16, 16, 2)
     p = patch(dm, model, ref, start_percent=0.0,
               match=dm("nodes.config").MatchConfig(subject_tokens=(2, 3)))
@@ -619,3 +620,24 @@ def test_output_change_concentrates_where_gate_is_high_with_local_attention(layo
           f"over {len(gates)} steps")
     assert hi_sum > 0.0, "AMA must change the output where the gate is high"
     assert ratio > 1.5
+
+
+def test_feature_layer_ids_are_checked_against_the_layout_on_every_path(dm, tiny, refs):
+    """SDXL has 9 output blocks (feature layers 0..7): ids 8-10, valid on SD1.5, are refused with the
+    same clear message by the AMA patch, the feature inspector and matching guidance (no KeyError)."""
+    model, ref = refs("sdxl")
+    config = dm("nodes.config")
+    runtime = dm("nodes.guidance")
+    too_deep = config.FeatureConfig(layers=(2, 8))
+    with pytest.raises(ValueError, match=r"not usable on this model: output-block ids 0\.\.7"):
+        patch(dm, model, ref, features=too_deep)
+    with pytest.raises(ValueError, match=r"not usable on this model: output-block ids 0\.\.7"):
+        dm("nodes.node_features").ExtractFeatures.execute(layers="8", model=model, latent_a=tiny.latent(1))
+    spec = dm("nodes.node_guidance").make_spec(ref, 50.0, 0.0, 1.0, "fast", features=too_deep)
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"not usable on this model"):
+        runtime.guidance_sample(model, spec, seed=1, steps=STEPS, cfg=5.0, scheduler="ddim_uniform",
+                                positive=tiny.cond(5), negative=tiny.cond(6), latent=tiny.latent(4),
+                                denoise=1.0)
+    # The same ids are fine on SD1.5, whose decoder has 12 output blocks.
+    sd_model, sd_ref = refs("sd15")
+    assert holder_of(dm, patch(dm, sd_model, sd_ref, features=config.FeatureConfig(layers=(8,))))

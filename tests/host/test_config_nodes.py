@@ -127,7 +127,7 @@ def test_missing_subject_error_names_words(dm, sd15_clip):
 
 
 def test_match_node_config(dm, sd15_clip):
-    match = dm("nodes.match")
+    match = dm("nodes.node_match")
     config = dm("nodes.config")
     out = match.SemanticMatch.execute(lambda_c=0.3, mask_mode="binary", subject="sks dog", clip=sd15_clip,
                                       target_prompt=PROMPT)
@@ -145,11 +145,11 @@ def test_match_node_config(dm, sd15_clip):
     with pytest.raises(ValueError, match="connect the CLIP"):
         match.SemanticMatch.execute(subject="dog")
     with pytest.raises(ValueError, match="mask_mode"):
-        match.match_config(mask_mode="hard")
+        config.match_config(mask_mode="hard")
 
 
 def test_mask_override_survives_clone_without_copy(dm, tiny):
-    match = dm("nodes.match")
+    match = dm("nodes.node_match")
     mask = torch.rand(1, 16, 16)
     cfg = match.SemanticMatch.execute(subject_mask=mask).args[0]
     assert torch.equal(cfg.mask.tensor, mask)
@@ -162,7 +162,7 @@ def test_mask_override_survives_clone_without_copy(dm, tiny):
 
 
 def test_features_node_config(dm):
-    features = dm("nodes.features")
+    features = dm("nodes.node_features")
     config = dm("nodes.config")
     out = features.ExtractFeatures.execute(layers="8, 5", pca_dim=128)
     cfg = out.args[0]
@@ -170,9 +170,9 @@ def test_features_node_config(dm):
     assert (cfg.layers, cfg.pca_dim, cfg.grid) == ((5, 8), 128, "finest")
     assert features.ExtractFeatures.execute().args[0] == config.FeatureConfig()
     with pytest.raises(ValueError, match="e.g. '5,8'"):
-        features.parse_layers("five")
+        config.parse_layers("five")
     with pytest.raises(ValueError, match="out of range"):
-        features.parse_layers("5,11")
+        config.parse_layers("5,11")
     with pytest.raises(ValueError, match="connect both 'model' and 'latent_a'"):
         features.ExtractFeatures.execute(latent_a={"samples": torch.zeros(1, 4, 8, 8)})
 
@@ -194,12 +194,12 @@ def test_schema_contract(dm):
         info = cls.GET_NODE_INFO_V1()
         return info["input_order"]["required"] + info["input_order"].get("optional", [])
 
-    assert order(dm("nodes.features").ExtractFeatures) == [
+    assert order(dm("nodes.node_features").ExtractFeatures) == [
         "layers", "pca_dim", "grid", "model", "latent_a", "latent_b", "conditioning", "noise_percent", "seed"]
-    assert order(dm("nodes.match").SemanticMatch) == [
+    assert order(dm("nodes.node_match").SemanticMatch) == [
         "lambda_c", "mask_mode", "subject", "clip", "target_prompt", "subject_mask", "model", "reference",
         "target", "features", "conditioning", "vae", "reference_image", "target_image", "noise_percent",
         "seed"]
-    info = dm("nodes.match").SemanticMatch.GET_NODE_INFO_V1()
+    info = dm("nodes.node_match").SemanticMatch.GET_NODE_INFO_V1()
     assert info["output"][0] == "DM_MATCH"
-    assert dm("nodes.features").ExtractFeatures.GET_NODE_INFO_V1()["output"][0] == "DM_FEATURES"
+    assert dm("nodes.node_features").ExtractFeatures.GET_NODE_INFO_V1()["output"][0] == "DM_FEATURES"

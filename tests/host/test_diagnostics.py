@@ -1,4 +1,4 @@
-"""Per-step AMA diagnostics during sampling (issue 7 §3): recorded, logged, shown.
+"""Per-step AMA diagnostics during sampling: recorded, logged, shown.
 
 The figures (confidence coverage, mask area, gate > 0.5) are checked against an independent
 computation from the patch's own "match" events, against known answers (self-reference: 1/1/1; a
@@ -21,7 +21,7 @@ SUBJECT = (2, 3)
 def ref_sd15(dm, tiny):
     model = tiny.build("sd15", seed=1)
     with torch.inference_mode():
-        out = dm("nodes.invert").DM_InvertReference.execute(model, tiny.latent(3, 16, 16), tiny.cond(1),
+        out = dm("nodes.node_invert").InvertReference.execute(model, tiny.latent(3, 16, 16), tiny.cond(1),
                                                             steps=STEPS)
     return model, out.result[0]
 
@@ -48,7 +48,7 @@ def test_figures_match_an_independent_computation_and_the_debug_log(dm, tiny, re
         lambda ev, **k: ev == "match" and events.append((k["call"], k["chunk"], k["row"], k["match"])))
     with caplog.at_level(logging.DEBUG, logger="dreammatcher"):
         sample(p, tiny.cond(7), tiny.cond(6), tiny.latent(4), steps=STEPS, seed=3, cfg=5.0)
-    runs, steps = dm("nodes.ama_runtime").last_diagnostics(p)
+    runs, steps = dm("nodes.ama").last_diagnostics(p)
     expected = _independent_figures(events)
     print("\nAMA diagnostics (tiny SD1.5, subject tokens 2-3):")
     for s in steps:
@@ -72,14 +72,14 @@ def test_figures_match_an_independent_computation_and_the_debug_log(dm, tiny, re
     assert any(f"{STEPS - 1} matched steps" in m for m in summary)
     # a second run counts as run 2 and replaces the figures
     sample(p, tiny.cond(7), tiny.cond(6), tiny.latent(4), steps=STEPS, seed=3, cfg=5.0)
-    assert dm("nodes.ama_runtime").last_diagnostics(p)[0] == 2
+    assert dm("nodes.ama").last_diagnostics(p)[0] == 2
 
 
 def test_known_answers_self_reference_and_zero_mask(dm, tiny, ref_sd15, sample):
     model, ref = ref_sd15
     traj = ref.trajectory
     xs = [traj.latents[i] for i in range(traj.steps)]
-    rt = dm("nodes.ama_runtime")
+    rt = dm("nodes.ama")
     # Self-reference without a subject: identity flow (cycle error 0), mask 1 -> every figure is 1.
     p = patch(dm, model, ref, start_percent=0.0)
     replay(p, ref.positive, ref.negative, xs, traj.sigmas)
@@ -100,7 +100,7 @@ def test_known_answers_self_reference_and_zero_mask(dm, tiny, ref_sd15, sample):
 
 def test_diagnostics_node(dm, tiny, ref_sd15, sample):
     model, ref = ref_sd15
-    node = dm("nodes.diagnostics").AMADiagnostics
+    node = dm("nodes.node_diagnostics").AMADiagnostics
     lat = tiny.latent(4)
     with pytest.raises(ValueError, match="AMA Model Patch"):
         node.execute(model, lat)

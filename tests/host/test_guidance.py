@@ -1,4 +1,4 @@
-"""Matching Guidance Sampler (issue 6): exactness, gradients, effect, composition, hygiene.
+"""Matching Guidance Sampler: exactness, gradients, effect, composition, hygiene.
 
 The tiny SD1.5-layout UNet has random weights, so its noise prediction has no meaningful
 Jacobian: guidance "through eps" has no reason to reduce a distance on it. Tests about the
@@ -39,27 +39,27 @@ def _controlled(model, unet_share: float = 0.2):
 
 def _reference(dm, tiny, model, *, seed=11, steps=STEPS, scheduler="ddim_uniform"):
     """A Reference built with the pack's own DDIM inversion (cfg 1, empty-ish prompt)."""
-    host = dm("nodes.host")
+    sampling, inversion = dm("nodes.host.sampling"), dm("nodes.inversion")
     Reference = dm("nodes.reference").Reference
     Trajectory = dm("dreammatcher_core.trajectory").Trajectory
     lat = tiny.latent(seed, HW, HW)["samples"]
-    sigmas = host.schedule_sigmas(model, steps, scheduler)
+    sigmas = sampling.schedule_sigmas(model, steps, scheduler)
     with torch.inference_mode():
-        latents, _ = host.ddim_invert(model, lat, tiny.cond(21), tiny.cond(22), 1.0, sigmas)
-    fmt, fp = host.model_fingerprint(model)
+        latents, _ = inversion.ddim_invert(model, lat, tiny.cond(21), tiny.cond(22), 1.0, sigmas)
+    fmt, fp = dm("nodes.host.model").model_fingerprint(model)
     traj = Trajectory(sigmas, latents, fmt, fp, meta={"steps": steps, "scheduler": scheduler})
     return Reference(traj, tiny.cond(21), tiny.cond(22), {})
 
 
 def _run(dm, model, ref, *, scale=50.0, mode="exact", cfg=5.0, seed=3, start=0.0, end=1.0, probe=None,
          latent=None, steps=STEPS, scheduler="ddim_uniform", tiny=None, positive=None, negative=None):
-    host = dm("nodes.host")
-    guidance = dm("nodes.guidance")
+    runtime = dm("nodes.guidance")
+    guidance = dm("nodes.node_guidance")
     spec = guidance.make_spec(ref, scale, start, end, mode)
     spec.probe = probe
     with torch.inference_mode():
-        out = host.guidance_sample(model, spec, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
-                                   positive=positive, negative=negative, latent=latent, denoise=1.0)
+        out = runtime.guidance_sample(model, spec, seed=seed, steps=steps, cfg=cfg, scheduler=scheduler,
+                                      positive=positive, negative=negative, latent=latent, denoise=1.0)
     return out["samples"]
 
 
@@ -233,8 +233,8 @@ def test_sampler_node_with_sampler_custom(dm, setup):
     import comfy.sample
 
     s = setup
-    guidance = dm("nodes.guidance")
-    host = dm("nodes.host")
+    guidance = dm("nodes.node_guidance")
+    host = dm("nodes.host.sampling")
     node_out = _run(dm, s["model"], s["ref"], **_kw(s))
     sampler = guidance.MatchingGuidance.execute(s["ref"], 50.0, 0.0, 1.0, "exact").result[0]
     sigmas = host.schedule_sigmas(s["model"], STEPS, "ddim_uniform")
@@ -258,7 +258,7 @@ def test_exact_run_leaves_no_graph_and_restores_ops(dm, setup):
     assert not leaked, [tuple(t.shape) for t in leaked[:5]]
     # ComfyUI's own loader may give ops per-instance (empty) function lists; what must not survive
     # is our pass-through in any of them.
-    escape = dm("nodes.host")._constant_copy
+    escape = dm("nodes.host.autograd")._constant_copy
     ops = [m for m in s["model"].model.diffusion_model.modules() if hasattr(m, "comfy_cast_weights")]
     assert ops
     for m in ops:
@@ -273,8 +273,8 @@ def test_progress_determinism_and_interrupt(dm, setup):
     import comfy.sample
 
     s = setup
-    guidance = dm("nodes.guidance")
-    host = dm("nodes.host")
+    guidance = dm("nodes.node_guidance")
+    host = dm("nodes.host.sampling")
     a = _run(dm, s["model"], s["ref"], seed=7, **_kw(s))
     b = _run(dm, s["model"], s["ref"], seed=7, **_kw(s))
     c = _run(dm, s["model"], s["ref"], seed=8, **_kw(s))
@@ -300,7 +300,7 @@ def test_progress_determinism_and_interrupt(dm, setup):
         finally:
             mm.interrupt_current_processing(False)
     assert steps == [0, 1, 2, 3], "progress callback once per step, stopped right after the interrupt"
-    escape = host._constant_copy
+    escape = dm("nodes.host.autograd")._constant_copy
     for m in s["model"].model.diffusion_model.modules():
         if hasattr(m, "comfy_cast_weights"):
             assert escape not in getattr(m, "weight_function", []), "escape not restored after interrupt"
@@ -373,7 +373,7 @@ def test_exact_guidance_with_streamed_inference_weight_views(dm, tiny, setup):
         for name in ("weight", "bias"):
             if (id(m), name) in cache:
                 assert torch.equal(cache[(id(m), name)], getattr(m, name)), "a cached view was modified"
-    escape = dm("nodes.host")._constant_copy
+    escape = dm("nodes.host.autograd")._constant_copy
     assert all(escape not in getattr(m, "weight_function", []) for m in ops)
     assert not any(t.requires_grad for t in cache.values())
 
@@ -395,7 +395,7 @@ def test_exact_guidance_refuses_inference_cast_buffers_clearly(dm, tiny, setup):
         return buf
 
     model, ops = _with_weight_stage(tiny, cast_into_buffer)
-    host = dm("nodes.host")
+    host = dm("nodes.host.autograd")
     with pytest.raises(host.ExactGuidanceUnavailable, match="mode to 'fast'") as info:
         _run(dm, model, s["ref"], mode="exact", **_kw(s))
     print(f"\n[exact + inference cast buffer] {info.value}")
@@ -409,15 +409,15 @@ def test_multigpu_dispatch_is_refused_before_sampling(dm, tiny, setup, sample):
     """A model carrying multi-GPU clones (what the MultiGPU CFG Split node adds) is refused at the
     start of sampling, by the AMA patch and by the guidance sampler, with the node to remove."""
     s = setup
-    host = dm("nodes.host")
-    ama = dm("nodes.ama")
+    host = dm("nodes.host.sampling")
+    ama = dm("nodes.node_ama")
     split = s["model"].clone()
     split.set_additional_models("multigpu", [s["model"].clone()])
     with pytest.raises(host.MultiGPUUnsupported, match="MultiGPU CFG Split") as info:
         _run(dm, split, s["ref"], **_kw(s))
     print(f"\n[multigpu] {info.value}")
     node = ama.AMAModelPatch
-    preset = ama.PRESETS[0]
+    preset = dm("nodes.layout").PRESETS[0]
     patched = node.execute(split, s["ref"], 1.0, 0.08, 1.0, preset, "").result[0]
     with pytest.raises(host.MultiGPUUnsupported, match="max_gpus to 1"):
         sample(patched, s["pos"], s["neg"], s["latent"], steps=STEPS, cfg=5.0, seed=3)

@@ -1,4 +1,4 @@
-"""Inspector role of DM_ExtractFeatures / DM_SemanticMatch (issue 7) on the tiny models."""
+"""Inspector role of DM_ExtractFeatures / DM_SemanticMatch on the tiny models."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def sd15(tiny):
 
 
 def _run_match(dm, model, ref, tgt, **kw):
-    match = dm("nodes.match")
+    match = dm("nodes.node_match")
     return match.SemanticMatch.execute(model=model, reference={"samples": ref}, target={"samples": tgt},
                                        noise_percent=kw.pop("noise_percent", 0.0), seed=0, **kw)
 
@@ -61,7 +61,7 @@ def test_self_match_zero_flow_full_confidence(dm, sd15):
     assert conf.mean().item() >= 0.99
     assert torch.equal(fg, torch.ones_like(fg))  # no subject -> whole image
     # identity flow: the warped reference is the reference view itself (up to bilinear sampling)
-    view = dm("nodes.features").upscale_view(dm("nodes.host").latent_rgb_preview(sd15, x))
+    view = dm("nodes.inspector").upscale_view(dm("nodes.host.model").latent_rgb_preview(sd15, x))
     assert (warped - view).abs().max().item() < 1e-4
     assert (comp - view).abs().max().item() < 1e-4
     ui = out.ui
@@ -108,10 +108,10 @@ def _mirror_symmetric(model) -> None:
 
 def _mirror_fractions(dm, model, x) -> list[float]:
     """Fractions of target cells whose flow is the mirror flow within 0/1/2/4 cells."""
-    match = dm("nodes.match")
+    match = dm("nodes.inspector_match")
     config = dm("nodes.config")
-    insp = match.inspect_match(model, config.MatchConfig(mask_mode="none"), config.FeatureConfig(), x,
-                               torch.flip(x, dims=[-1]), None, 0.0, 0)
+    insp = match.inspect_correspondence(model, config.MatchConfig(mask_mode="none"), config.FeatureConfig(),
+                                        x, torch.flip(x, dims=[-1]), None, 0.0, 0)
     f = insp.flow_t2r[0]
     h, w = f.shape[-2:]
     xs = torch.arange(w).view(1, w).expand(h, w)
@@ -141,13 +141,13 @@ def test_flip_recovers_mirror_flow(dm, tiny, sd15, seed):
 
 
 def test_batch_subject_mask_and_override(dm, sd15, tiny):
-    match = dm("nodes.match")
+    match = dm("nodes.inspector_match")
     config = dm("nodes.config")
     x = _blobs(2, 16, 24)
     tgt = torch.cat([_blobs(3, 16, 16), _blobs(4, 16, 16)])
     cond = tiny.cond(5)
     cfg = replace(config.MatchConfig(subject="dog"), subject_tokens=(4, 5))
-    insp = match.inspect_match(sd15, cfg, config.FeatureConfig(pca_dim=16), x, tgt, cond, 0.3, 7)
+    insp = match.inspect_correspondence(sd15, cfg, config.FeatureConfig(pca_dim=16), x, tgt, cond, 0.3, 7)
     assert insp.flow_t2r.shape == (2, 2, 16, 16) and insp.flow_r2t.shape == (2, 2, 16, 24)
     m = insp.mask
     assert m.shape == (2, 1, 16, 16)
@@ -156,7 +156,7 @@ def test_batch_subject_mask_and_override(dm, sd15, tiny):
     assert torch.allclose(m.amax((1, 2, 3)), torch.ones(2))
     # an automatic mask needs the target conditioning
     with pytest.raises(ValueError, match="connect the target's positive CONDITIONING"):
-        match.inspect_match(sd15, cfg, config.FeatureConfig(), x, tgt, None, 0.3, 7)
+        match.inspect_correspondence(sd15, cfg, config.FeatureConfig(), x, tgt, None, 0.3, 7)
     # the node end-to-end with different reference/target sizes and a batch of 2 targets
     user = torch.zeros(1, 64, 64)
     user[:, :, :32] = 1.0
@@ -167,7 +167,7 @@ def test_batch_subject_mask_and_override(dm, sd15, tiny):
 
 
 def test_flow_colour_wheel(dm):
-    match = dm("nodes.match")
+    match = dm("nodes.inspector_match")
     flow = torch.zeros(1, 2, 4, 4)
     flow[0, 0, 0, 0] = 2.0  # full-radius right
     flow[0, 0, 0, 1] = -2.0  # full-radius left
@@ -178,7 +178,7 @@ def test_flow_colour_wheel(dm):
 
 
 def test_extract_features_images(dm, sd15):
-    features = dm("nodes.features")
+    features = dm("nodes.node_features")
     a = {"samples": torch.cat([_blobs(0), _blobs(1)])}
     b = {"samples": _blobs(0, 16, 24)}
     cfg, pa, pb = features.ExtractFeatures.execute(model=sd15, latent_a=a, latent_b=b, pca_dim=32,

@@ -1,4 +1,4 @@
-"""DM_InvertReference on the in-process host with tiny SD1.5/SDXL-layout models (issue 4)."""
+"""DM_InvertReference on the in-process host with tiny SD1.5/SDXL-layout models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 def invert(dm, model, latent, positive, **kw):
     """Run the node like the executor does (inference mode); return (reference, noise, rec, ui_text)."""
-    node = dm("nodes.invert").DM_InvertReference
+    node = dm("nodes.node_invert").InvertReference
     with torch.inference_mode():
         out = node.execute(model, latent, positive, **kw)
     ref, noise, rec = out.args
@@ -29,7 +29,7 @@ def test_schedule_is_bit_identical_to_ksampler(dm, tiny, layout, scheduler, step
     assert traj.sigmas.dtype == torch.float32 and torch.equal(traj.sigmas, expected)
     assert traj.latents.shape == (steps + 1, 1, 4, 16, 16)
     assert traj.meta["steps"] == steps and traj.meta["scheduler"] == scheduler
-    host = dm("nodes.host")
+    host = dm("nodes.host.sampling")
     for s in ("ddim_uniform", "normal", "karras", "exponential", "sgm_uniform", "beta"):
         for n in (1, 10, 50):
             ks = comfy.samplers.KSampler(model, n, torch.device("cpu"), sampler="ddim", scheduler=s).sigmas
@@ -107,7 +107,7 @@ def test_default_inversion_conditioning_is_zero_context(dm, tiny):
     assert torch.equal(default.trajectory.latents, explicit.trajectory.latents)
     assert torch.equal(default.negative[0][0], zero[0][0])
     assert default.trajectory.meta["inversion_conditioning"] == "zero"
-    host = dm("nodes.host")
+    host = dm("nodes.host.model")
     pooled = host.zero_conditioning_like([[torch.ones(1, 5, 8), {"pooled_output": torch.ones(1, 8), "x": 1}]])
     assert pooled[0][0].shape == (1, 5, 8) and not pooled[0][0].any()
     assert not pooled[0][1]["pooled_output"].any()
@@ -213,7 +213,7 @@ def test_interrupt_mid_inversion_leaves_nothing_and_next_run_works(dm, tiny, hos
 
 
 def test_trajectory_memory_is_one_cpu_buffer_in_model_dtype(dm, tiny):
-    host = dm("nodes.host")
+    host = dm("nodes.inversion")
     model = tiny.build("sd15", 1, dtype=torch.bfloat16)
     ref, *_ = invert(dm, model, tiny.latent(3), tiny.cond(1), steps=2)
     lat = ref.trajectory.latents

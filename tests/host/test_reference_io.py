@@ -27,7 +27,7 @@ def _bits(t: torch.Tensor) -> bytes:
 
 
 def test_save_load_round_trip_through_the_nodes(dm, tiny, host, run_graph):
-    inv = dm("nodes.invert")
+    inv = dm("nodes.node_invert")
     outputs = run_graph(_graph("dreammatcher/roundtrip"), "rt")
     path = host.dirs["output"] / "dreammatcher" / "roundtrip_00001.dm.safetensors"
     assert path.is_file(), outputs
@@ -35,11 +35,11 @@ def test_save_load_round_trip_through_the_nodes(dm, tiny, host, run_graph):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]
 
     value = "output/dreammatcher/roundtrip_00001.dm.safetensors"
-    assert value in inv.DM_LoadReference.INPUT_TYPES()["required"]["reference_file"][1]["options"]
+    assert value in inv.LoadReference.INPUT_TYPES()["required"]["reference_file"][1]["options"]
     with torch.inference_mode():
-        loaded = inv.DM_LoadReference.execute(value).args[0]
+        loaded = inv.LoadReference.execute(value).args[0]
         model = tiny.build("sd15", 1)
-        ref = inv.DM_InvertReference.execute(model, tiny.latent(3), tiny.cond(1), steps=2).args[0]
+        ref = inv.InvertReference.execute(model, tiny.latent(3), tiny.cond(1), steps=2).args[0]
     assert isinstance(loaded, dm("nodes.reference").Reference)
     a, b = loaded.trajectory, ref.trajectory
     assert _bits(a.latents) == _bits(b.latents) and _bits(a.sigmas) == _bits(b.sigmas)
@@ -59,7 +59,7 @@ def test_save_load_round_trip_through_the_nodes(dm, tiny, host, run_graph):
 def test_conditioning_entries_are_stored_or_dropped_with_a_note(dm, tiny, tmp_path, caplog):
     refmod = dm("nodes.reference")
     with torch.inference_mode():
-        ref = dm("nodes.invert").DM_InvertReference.execute(
+        ref = dm("nodes.node_invert").InvertReference.execute(
             tiny.build("sd15", 1), tiny.latent(3), tiny.cond(1), steps=1).args[0]
     pooled = torch.randn(1, 32)
     positive = [[ref.positive[0][0], {"pooled_output": pooled, "width": 1024, "area": (8, 8, 0, 0),
@@ -74,14 +74,14 @@ def test_conditioning_entries_are_stored_or_dropped_with_a_note(dm, tiny, tmp_pa
 
 
 def test_traversal_and_bad_names_are_refused(dm, host, tiny, run_graph, caplog):
-    refmod, inv = dm("nodes.reference"), dm("nodes.invert")
+    refmod, inv = dm("nodes.reference"), dm("nodes.node_invert")
     for bad in ("../evil", "dreammatcher/../../evil", "/tmp/evil", "a/b", "a\\b", "..", ""):
         with pytest.raises(ValueError, match="not allowed"):
             refmod.save_path(bad)
     for bad in ("output/../secret.dm.safetensors", "output/dreammatcher/../../x.dm.safetensors",
                 "/etc/x.dm.safetensors", "models/x.dm.safetensors", "output/dreammatcher/x.safetensors"):
         with pytest.raises(ValueError, match="not allowed"):
-            inv.DM_LoadReference.execute(bad)
+            inv.LoadReference.execute(bad)
     # A symlink inside the input folder that points outside it is refused too.
     outside = host.dirs["temp"] / "outside.dm.safetensors"
     outside.write_bytes(b"x")
@@ -89,7 +89,7 @@ def test_traversal_and_bad_names_are_refused(dm, host, tiny, run_graph, caplog):
     link.symlink_to(outside)
     try:
         with pytest.raises(ValueError, match="outside"):
-            inv.DM_LoadReference.execute("input/link.dm.safetensors")
+            inv.LoadReference.execute("input/link.dm.safetensors")
     finally:
         link.unlink()
     # Through the executor: the save node reports the refusal and writes nothing.
@@ -102,9 +102,9 @@ def test_traversal_and_bad_names_are_refused(dm, host, tiny, run_graph, caplog):
 
 
 def test_input_folder_files_are_listed_and_validated(dm, host, tiny, tmp_path):
-    refmod, inv = dm("nodes.reference"), dm("nodes.invert")
+    refmod, inv = dm("nodes.reference"), dm("nodes.node_invert")
     with torch.inference_mode():
-        ref = inv.DM_InvertReference.execute(tiny.build("sdxl", 1), tiny.latent(3), tiny.cond(1),
+        ref = inv.InvertReference.execute(tiny.build("sdxl", 1), tiny.latent(3), tiny.cond(1),
                                              steps=1).args[0]
     (host.dirs["input"] / "dreammatcher").mkdir(exist_ok=True)
     good = ref.save(host.dirs["input"] / "dreammatcher" / "xl.dm.safetensors")
@@ -115,16 +115,16 @@ def test_input_folder_files_are_listed_and_validated(dm, host, tiny, tmp_path):
         files = refmod.list_files()
         assert {"input/dreammatcher/xl.dm.safetensors", "input/xl_copy.dm.safetensors",
                 "input/broken.dm.safetensors"} <= set(files)
-        loaded = inv.DM_LoadReference.execute("input/xl_copy.dm.safetensors").args[0]
+        loaded = inv.LoadReference.execute("input/xl_copy.dm.safetensors").args[0]
         assert loaded.trajectory.latent_format == "SDXL"
         with pytest.raises(ValueError, match="'SDXL' latent format.*uses 'SD15'"):
             loaded.check_model(tiny.build("sd15", 1))
         with pytest.raises(ValueError, match="truncated"):
-            inv.DM_LoadReference.execute("input/broken.dm.safetensors")
+            inv.LoadReference.execute("input/broken.dm.safetensors")
         # A bare trajectory (no conditionings) is not a reference.
         ref.trajectory.save(host.dirs["input"] / "bare.dm.safetensors")
         with pytest.raises(ValueError, match="bare trajectory"):
-            inv.DM_LoadReference.execute("input/bare.dm.safetensors")
+            inv.LoadReference.execute("input/bare.dm.safetensors")
     finally:
         for p in ("dreammatcher/xl.dm.safetensors", "xl_copy.dm.safetensors", "broken.dm.safetensors",
                   "bare.dm.safetensors"):
@@ -132,15 +132,15 @@ def test_input_folder_files_are_listed_and_validated(dm, host, tiny, tmp_path):
 
 
 def test_load_fingerprint_changes_when_the_file_changes(dm, host, tiny):
-    inv = dm("nodes.invert")
+    inv = dm("nodes.node_invert")
     with torch.inference_mode():
-        ref = inv.DM_InvertReference.execute(tiny.build("sd15", 1), tiny.latent(3), tiny.cond(1),
+        ref = inv.InvertReference.execute(tiny.build("sd15", 1), tiny.latent(3), tiny.cond(1),
                                              steps=1).args[0]
     path = ref.save(host.dirs["input"] / "fp.dm.safetensors")
     try:
-        first = inv.DM_LoadReference.fingerprint_inputs("input/fp.dm.safetensors")
+        first = inv.LoadReference.fingerprint_inputs("input/fp.dm.safetensors")
         st = path.stat()
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        assert inv.DM_LoadReference.fingerprint_inputs("input/fp.dm.safetensors") != first
+        assert inv.LoadReference.fingerprint_inputs("input/fp.dm.safetensors") != first
     finally:
         path.unlink()

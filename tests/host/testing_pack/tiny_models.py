@@ -1,4 +1,4 @@
-"""Tiny random-weight UNets with the SD1.5 and SDXL *block layouts* (comfyui-host.md §9.2).
+"""Tiny random-weight UNets with the SD1.5 and SDXL *block layouts* (docs/host.md).
 
 They keep every block id, transformer position and downsampling step of the real models,
 so block discovery, attention keys and cond/uncond batching behave exactly as with the real

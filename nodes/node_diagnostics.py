@@ -11,17 +11,12 @@ Input names and order are a public contract (saved workflows).
 
 from __future__ import annotations
 
-from . import ama_runtime
+from ..dreammatcher_core import diagnostics as core_diag
+from .ama import patch_of
 from .host import require_node_api
-from .types import CATEGORY
+from .sockets import CATEGORY
 
 io = require_node_api().io
-
-
-def _diag():
-    from ..dreammatcher_core import diagnostics
-
-    return diagnostics
 
 
 def diagnostics_report(model) -> tuple[str, list]:
@@ -31,18 +26,18 @@ def diagnostics_report(model) -> tuple[str, list]:
     in which nothing was injected, gives an explanatory text and no steps (not an error: the graph
     still produces its image).
     """
-    holder = ama_runtime.holder_of(model)
-    if holder is None:
+    patch = patch_of(model)
+    if patch is None:
         raise ValueError("AMA Diagnostics needs the MODEL that went through 'AMA Model Patch' (or a node "
                          "after it, e.g. a LoRA loader). This MODEL carries no AMA patch.")
-    if holder.runs == 0:
+    if patch.runs == 0:
         return ("The patched model has not sampled yet. Connect 'latent' to the output of the sampler "
                 "that uses this MODEL, so this node runs after it."), []
-    steps = list(holder.last_diagnostics)
-    head = f"AMA run #{holder.runs}: "
+    steps = list(patch.last_diagnostics)
+    head = f"AMA run #{patch.runs}: "
     if steps:
-        return head + _diag().format_table(steps), steps
-    if not holder.last_stats.get("active_steps"):
+        return head + core_diag.format_table(steps), steps
+    if not patch.last_stats.get("active_steps"):
         why = ("no sampling step fell inside the start/end window, or strength is 0. Widen "
                "start_percent/end_percent or raise strength.")
     else:
@@ -86,10 +81,7 @@ class AMADiagnostics(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent) -> io.NodeOutput:
         text, steps = diagnostics_report(model)
-        plot = _diag().plot_figures(steps)
+        plot = core_diag.plot_figures(steps)
         api = require_node_api()
         ui = {"text": [text], "images": api.ui.PreviewImage(plot, cls=cls).values}
         return io.NodeOutput(latent, text, plot, ui=ui)
-
-
-NODES = [AMADiagnostics]

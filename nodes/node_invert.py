@@ -5,37 +5,24 @@ sigma_max with the model's own denoised prediction (ComfyUI's CFGGuider: LoRA, p
 hooks apply), recording the reference latent at every sigma. The result is a typed
 ``DM_REFERENCE`` that later nodes replay at each sampling step and that many target
 generations reuse; its quality is shown as the relative error of a stock "ddim" reconstruction.
+The work is :func:`..inversion.invert_reference`.
 
 Input names and order are a public contract (saved workflows).
 """
 
 from __future__ import annotations
 
-import logging
-
-import torch
-
-from ..dreammatcher_core.trajectory import Trajectory
-from . import host
+from .host import require_node_api
+from .host.sampling import scheduler_names
+from .inversion import invert_reference
 from .reference import Reference, list_files, resolve_file, save_path
-from .types import CATEGORY, DMReference
+from .sockets import CATEGORY, DMReference
 
-api = host.require_node_api()
+api = require_node_api()
 io, ui = api.io, api.ui
-log = logging.getLogger("dreammatcher")
 
-#: Reconstruction errors above this are flagged in the UI text.
-WARN_ERROR = 0.05
-
-
-def relative_errors(x: torch.Tensor, ref: torch.Tensor) -> list[float]:
-    """Per-image ``||x - ref|| / ||ref||`` (float64)."""
-    x, ref = x.double().flatten(1), ref.double().flatten(1)
-    return ((x - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)).tolist()
-
-
-class DM_InvertReference(io.ComfyNode):
-    """DDIM-invert reference latents into a reusable DreamMatcher reference (method.md §1.2)."""
+class InvertReference(io.ComfyNode):
+    """DDIM-invert reference latents into a reusable DreamMatcher reference."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -62,7 +49,7 @@ class DM_InvertReference(io.ComfyNode):
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip=(
                     "Inversion steps. Must equal the steps of the sampler that uses this reference "
                     "(the paper uses 50).")),
-                io.Combo.Input("scheduler", options=host.scheduler_names(), default="ddim_uniform", tooltip=(
+                io.Combo.Input("scheduler", options=scheduler_names(), default="ddim_uniform", tooltip=(
                     "Sigma schedule. Must equal the scheduler of the sampler that uses this reference "
                     "(ddim_uniform matches the official DDIM schedule).")),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=(
@@ -89,57 +76,12 @@ class DM_InvertReference(io.ComfyNode):
     @classmethod
     def execute(cls, model, reference, reference_positive, steps=50, scheduler="ddim_uniform", cfg=1.0,
                 inversion_conditioning=None, reference_negative=None) -> io.NodeOutput:
-        latent = reference["samples"]
-        if getattr(latent, "is_nested", False) or latent.ndim != 4:
-            raise ValueError(f"reference must be an image LATENT [N, C, H, W]; got {tuple(latent.shape)}.")
-        if not bool(torch.count_nonzero(latent)):
-            raise ValueError("The reference latent is all zeros; connect VAE Encode of the reference image.")
-        prediction = host.prediction_type(model)
-        sigmas = host.schedule_sigmas(model, steps, scheduler)
-        if not bool((sigmas[:-1] > sigmas[1:]).all()) or float(sigmas[-1]) != 0.0:
-            raise ValueError(f"The {scheduler} schedule with {steps} steps repeats sigmas; use fewer "
-                             "steps or another scheduler.")
-        inv_cond = inversion_conditioning or host.zero_conditioning_like(reference_positive)
-        negative = reference_negative or inv_cond
-
-        progress = host.progress_callback(model, 2 * steps)
-
-        def inv_cb(i, x0, x, total):
-            progress(i, x0, x, 2 * total)
-
-        def rec_cb(i, x0, x, total):
-            progress(i + total, x0, x, 2 * total)
-
-        latents, x_t = host.ddim_invert(model, latent, inv_cond, negative, cfg, sigmas, callback=inv_cb)
-        start = host.process_latent_out(model, latents[0].to(torch.float32))
-        rec = host.ddim_reconstruct(model, start, inv_cond, negative, cfg, sigmas, callback=rec_cb).to("cpu")
-        errors = relative_errors(host.process_latent_in(model, rec), latents[-1])
-
-        latent_format, fingerprint = host.model_fingerprint(model)
-        info = host.latent_format_info(model)
-        meta = {
-            "steps": int(steps), "scheduler": scheduler, "cfg": float(cfg), "prediction": prediction,
-            "recon_error": max(errors), "recon_errors": ",".join(f"{e:.6g}" for e in errors),
-            "latent_scale_factor": info["latent_scale_factor"],
-            "latent_shift_factor": info["latent_shift_factor"],
-            "inversion": "ddim-sigma-space/eps-at-target",
-            "inversion_conditioning": "connected" if inversion_conditioning else "zero",
-        }
-        traj = Trajectory(sigmas=sigmas, latents=latents, latent_format=latent_format,
-                          fingerprint=fingerprint, meta=meta)
-        ref = Reference(traj, reference_positive, negative,
-                        info={k: meta[k] for k in ("steps", "scheduler", "cfg", "recon_error", "prediction")})
-        text = (f"DDIM inversion: {steps} steps ({scheduler}), cfg {cfg:g}, {latent.shape[0]} image(s), "
-                f"{latent_format}. Reconstruction error: " + ", ".join(f"{e:.3%}" for e in errors))
-        if max(errors) > WARN_ERROR:
-            text += (" - high: use cfg 1, more steps, and the model/LoRA you sample with.")
-        log.info("DreamMatcher: %s", text)
-        out_noise = {"samples": x_t.to("cpu")}
-        out_rec = {"samples": rec}
-        return io.NodeOutput(ref, out_noise, out_rec, ui=ui.PreviewText(text))
+        ref, noise, rec, text = invert_reference(model, reference, reference_positive, steps, scheduler, cfg,
+                                                 inversion_conditioning, reference_negative)
+        return io.NodeOutput(ref, noise, rec, ui=ui.PreviewText(text))
 
 
-class DM_SaveReference(io.ComfyNode):
+class SaveReference(io.ComfyNode):
     """Write a reference to ``output/dreammatcher/<name>_NNNNN.dm.safetensors``."""
 
     @classmethod
@@ -167,7 +109,7 @@ class DM_SaveReference(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewText(text))
 
 
-class DM_LoadReference(io.ComfyNode):
+class LoadReference(io.ComfyNode):
     """Load and validate a saved reference from the output or input folder."""
 
     @classmethod
@@ -205,6 +147,3 @@ class DM_LoadReference(io.ComfyNode):
                 f"({t.meta.get('scheduler', '?')}), reconstruction error "
                 f"{float(t.meta.get('recon_error', float('nan'))):.3%}.")
         return io.NodeOutput(ref, ui=ui.PreviewText(text))
-
-
-NODES = [DM_InvertReference, DM_SaveReference, DM_LoadReference]

@@ -2,10 +2,10 @@
 
 MODEL + DM_REFERENCE → MODEL. Any stock sampler (KSampler, KSamplerAdvanced, SamplerCustom…) then
 generates the target with the reference's appearance injected through Appearance Matching
-Self-Attention (method.md §0, §5): the target keeps its own Q/K (structure), its V in the chosen
+Self-Attention (``docs/method.md``): the target keeps its own Q/K (structure), its V in the chosen
 decoder self-attention layers moves towards the reference V warped along the semantic
 correspondence, gated by cycle-consistency confidence and the subject's soft foreground mask.
-The per-run machinery is in :mod:`.ama_runtime`; ComfyUI plumbing in :mod:`.host`.
+The patch and its per-run machinery are in the :mod:`.ama` package.
 
 The input names and widget order are a public contract (saved workflows):
 model, reference, strength, start_percent, end_percent, layer_preset, custom_layers,
@@ -14,38 +14,12 @@ features (optional), match (optional), mask (optional).
 
 from __future__ import annotations
 
-from . import host
-from .ama_runtime import HOLDER_KEY, PRESETS, AMAPatch, resolve_settings
+from .ama import patch_model
 from .host import require_node_api
-from .types import CATEGORY, DMFeatures, DMMatch, DMReference
+from .layout import PRESETS
+from .sockets import CATEGORY, DMFeatures, DMMatch, DMReference
 
 io = require_node_api().io
-
-
-def patch_model(model, reference, strength: float = 1.0, start_percent: float = 0.08,
-                end_percent: float = 1.0, layer_preset: str = PRESETS[0], custom_layers: str = "",
-                features=None, match=None, mask=None):
-    """Return a patched clone of ``model`` (the input MODEL is never mutated).
-
-    Raises ValueError early and clearly: reference made for another model family, unknown preset
-    or layers, a second AMA patch on the same model.
-    """
-    if reference is None or not hasattr(reference, "trajectory"):
-        raise ValueError("Connect a DM_REFERENCE (from DM_InvertReference or DM_LoadReference) to "
-                         "'reference'.")
-    reference.check_model(model)
-    if host.has_keyed_wrapper(model, "outer_sample", host.AMA_WRAPPER_KEY):
-        raise ValueError("This MODEL already carries a DreamMatcher AMA patch; use one AMA Model Patch per "
-                         "model (connect the unpatched model instead).")
-    layout = host.unet_layout(model)
-    settings = resolve_settings(layout, strength=strength, start_percent=start_percent,
-                                end_percent=end_percent, layer_preset=layer_preset,
-                                custom_layers=custom_layers, features=features, match=match, mask=mask)
-    patched = model.clone()
-    holder = AMAPatch(settings, reference)
-    holder.install(patched)
-    patched.model_options["transformer_options"][HOLDER_KEY] = holder
-    return patched
 
 
 class AMAModelPatch(io.ComfyNode):
@@ -106,6 +80,3 @@ class AMAModelPatch(io.ComfyNode):
                 features=None, match=None, mask=None) -> io.NodeOutput:
         return io.NodeOutput(patch_model(model, reference, strength, start_percent, end_percent, layer_preset,
                                          custom_layers, features, match, mask))
-
-
-NODES = [AMAModelPatch]

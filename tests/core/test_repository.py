@@ -1,0 +1,56 @@
+"""The repository explains itself: every document the code names is in it, and the code refers to
+no issue numbers (a person who clones the repository has neither the tracker nor outside notes)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CODE_SUFFIXES = {".py", ".js", ".sh"}
+_DOC_REF = re.compile(r"[A-Za-z0-9_./-]*[A-Za-z0-9_-]\.md\b")
+_ISSUE_REF = re.compile(r"\bissues?\s*#?\d+|\(#\d+\)", re.IGNORECASE)
+
+
+def _code_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+        files = [REPO / f for f in out]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: walk the tree
+        files = [p for p in REPO.rglob("*") if not any(part.startswith(".") for part in p.parts)]
+    return [f for f in files if f.suffix in CODE_SUFFIXES or f.name in {"Makefile", "run"}]
+
+
+def _exists(ref: str, source: Path) -> bool:
+    candidates = [REPO / ref, source.parent / ref, REPO / "docs" / Path(ref).name]
+    return any(c.is_file() for c in candidates)
+
+
+def test_referenced_documents_exist():
+    missing = []
+    for f in _code_files():
+        if not f.is_file() or f.resolve() == Path(__file__).resolve():
+            continue
+        for ref in _DOC_REF.findall(f.read_text(encoding="utf-8", errors="replace")):
+            if not _exists(ref, f):
+                missing.append(f"{f.relative_to(REPO)}: {ref}")
+    assert not missing, "code names documents that are not in the repository:\n" + "\n".join(missing)
+
+
+def test_code_refers_to_no_issue_numbers():
+    found = []
+    for f in _code_files():
+        if not f.is_file() or f.resolve() == Path(__file__).resolve():
+            continue
+        for i, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if _ISSUE_REF.search(line):
+                found.append(f"{f.relative_to(REPO)}:{i}: {line.strip()}")
+    assert not found, "code refers to issue numbers:\n" + "\n".join(found)
+
+
+def test_the_checks_can_fail(tmp_path):
+    assert _DOC_REF.findall("see method.md §6 and docs/host.md") == ["method.md", "docs/host.md"]
+    assert not _exists("no-such-notes.md", tmp_path / "x.py")
+    assert _ISSUE_REF.search("DM_AMAPatch (issue 5 §6)") and not _ISSUE_REF.search("an issue with it")
