@@ -3,8 +3,9 @@
 Linked into the soak server's ``custom_nodes`` only (never into a user's ComfyUI). The node takes
 the MODEL that stock graphs use and walks it, and every model ComfyUI currently holds loaded, for
 traces of a DreamMatcher *run*: per-run keys in ``transformer_options``, the gradient escape left
-in a layer's weight functions, or any DreamMatcher key on the stock model. The AMA patch's own
-holder on a patched clone is by design (a patched MODEL is a reusable object) and not reported.
+in a layer's weight functions, or any DreamMatcher key, attachment, wrapper or replace on the stock
+model. The AMA patch attached to a patched clone is by design (a patched MODEL is a reusable object)
+and not reported.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ def _findings(patcher, *, stock: bool) -> list[str]:
                 out.append(f"wrapper {kind}/{key}")
     for table in topts.get("patches_replace", {}).values():
         for key, fn in table.items():
-            if stock and getattr(fn, "_dm_holder", None) is not None:
+            if stock and getattr(fn, "_dm_patch", None) is not None:
                 out.append(f"replace {key}")
+    for key in getattr(patcher, "attachments", {}):
+        if stock and "dreammatcher" in str(key):
+            out.append(f"attachment {key}")
     model = getattr(patcher, "model", None)
     diffusion = getattr(model, "diffusion_model", None)
     if diffusion is not None:
