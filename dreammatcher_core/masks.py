@@ -37,6 +37,8 @@ __all__ = [
     "token_map",
     "minmax_normalise",
     "foreground_mask",
+    "mean_token_map",
+    "foreground_from_maps",
     "mask_to_tokens",
     "resize_mask",
 ]
@@ -133,6 +135,44 @@ def resize_mask(mask: Tensor, size: tuple[int, int], mode: str = "nearest") -> T
     raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
 
 
+def mean_token_map(maps: Tensor | Sequence[Tensor]) -> Tensor:
+    """Mean of per-layer token maps ``[B,1,h_l,w_l]`` on the finest grid among them.
+
+    Maps on other grids are resized there bilinearly first; with equal grids (the official case) this
+    is the plain mean.
+    """
+    maps = [maps] if isinstance(maps, Tensor) else list(maps)
+    if not maps:
+        raise ValueError("no token maps given")
+    batch = {m.shape[0] for m in maps}
+    if len(batch) != 1:
+        raise ValueError(f"attention maps disagree on batch size: {sorted(batch)}")
+    gh, gw = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    stacked = [
+        m
+        if tuple(m.shape[-2:]) == (gh, gw)
+        else F.interpolate(m, size=(gh, gw), mode="bilinear", align_corners=False)
+        for m in maps
+    ]
+    return torch.stack(stacked, dim=0).mean(dim=0)
+
+
+def foreground_from_maps(
+    maps: Tensor | Sequence[Tensor],
+    size: tuple[int, int],
+    *,
+    mode: str = "nearest",
+    eps: float = 1e-6,
+    binary: bool = False,
+) -> Tensor:
+    """Soft (or, with ``binary``, thresholded at 0.5) foreground mask ``[B,1,H,W]`` from per-layer token
+    maps ``[B,1,h_l,w_l]``: mean over layers -> per-image min-max with ``eps`` -> threshold -> resize."""
+    m = minmax_normalise(mean_token_map(maps), eps)
+    if binary:
+        m = (m > 0.5).to(m.dtype)
+    return resize_mask(m, size, mode)
+
+
 def foreground_mask(
     attn_maps: Tensor | Sequence[Tensor],
     token_indices: int | Sequence[int],
@@ -158,18 +198,7 @@ def foreground_mask(
         tm = token_map(a, token_indices)
         h, w = attention_hw(latent_hw, tm.shape[-1])
         per_layer.append(tm.reshape(tm.shape[0], 1, h, w))
-    batch = {m.shape[0] for m in per_layer}
-    if len(batch) != 1:
-        raise ValueError(f"attention maps disagree on batch size: {sorted(batch)}")
-    gh, gw = max((m.shape[-2:] for m in per_layer), key=lambda s: s[0] * s[1])
-    stacked = [
-        m
-        if tuple(m.shape[-2:]) == (gh, gw)
-        else F.interpolate(m, size=(gh, gw), mode="bilinear", align_corners=False)
-        for m in per_layer
-    ]
-    mean = torch.stack(stacked, dim=0).mean(dim=0)
-    return resize_mask(minmax_normalise(mean, eps), size, mode)
+    return foreground_from_maps(per_layer, size, mode=mode, eps=eps)
 
 
 def mask_to_tokens(mask: Tensor, latent_hw: tuple[int, int], seq_len: int, mode: str = "nearest") -> Tensor:

@@ -5,8 +5,8 @@
   (``host.hooks.output_layer`` / ``host.hooks.chunks``) for its per-row banks.
 * Subject cross-attention: :func:`subject_token_map` is the head-mean softmax probability of the
   subject tokens (``dreammatcher_core.masks.token_map``), for the AMA mask layers and the inspector.
-* The subject mask from those maps (:func:`subject_mask`) and from a user MASK (:func:`user_mask`):
-  min-max normalisation, the binary threshold and the resize to a grid, in one place.
+* The subject mask from those maps (:func:`subject_mask`, the core's ``masks.foreground_from_maps``)
+  and from a user MASK (:func:`user_mask`), in one place.
 """
 
 from __future__ import annotations
@@ -55,13 +55,10 @@ def subject_token_map(q: torch.Tensor, k: torch.Tensor, heads: int, tokens) -> t
 def subject_mask(mean_map: torch.Tensor, mode: str, hw: tuple[int, int]) -> torch.Tensor:
     """The foreground mask ``[B, 1, H, W]`` at ``hw`` from a mean token map ``[B, 1, h, w]``.
 
-    Min-max normalised per image (the official soft mask), thresholded at 0.5 for ``"binary"``,
-    resized with nearest-neighbour interpolation (official).
+    The core's ``masks.foreground_from_maps``: min-max normalised per image (the official soft mask),
+    thresholded at 0.5 for ``"binary"``, resized with nearest-neighbour interpolation (official).
     """
-    m = core_masks.minmax_normalise(mean_map)
-    if mode == "binary":
-        m = (m > 0.5).to(m.dtype)
-    return core_masks.resize_mask(m, tuple(hw), mode="nearest")
+    return core_masks.foreground_from_maps([mean_map], tuple(hw), binary=mode == "binary")
 
 
 def user_mask(mask: torch.Tensor, row: int, hw: tuple[int, int], device=None) -> torch.Tensor:

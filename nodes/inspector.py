@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dreammatcher_core import features as core_features
+from ..dreammatcher_core import masks as core_masks
 from ..dreammatcher_core import viz as core_viz
 from . import layout
 from .capture import FeatureTap, subject_token_map
@@ -90,12 +91,8 @@ def inspector_pass(model_patcher, samples: torch.Tensor, conditioning: list | No
     if missing:
         raise ValueError(f"The feature pass produced no output for decoder blocks {missing}.")
     feats = {k: got[k].float().cpu() for k in layers}
-    token_map = None
     maps = [t_map for t in token_taps for t_map in t.maps]
-    if maps:
-        size = maps[0].shape[-2:]
-        token_map = torch.stack([torch.nn.functional.interpolate(m, size=size) for m in maps]).mean(0)
-    return feats, token_map
+    return feats, (core_masks.mean_token_map(maps) if maps else None)
 
 
 def blank_image(size: int = 64) -> torch.Tensor:

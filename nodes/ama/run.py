@@ -55,6 +55,7 @@ import torch
 
 from ...dreammatcher_core import ama as core_ama
 from ...dreammatcher_core import diagnostics as core_diag
+from ...dreammatcher_core import masks as core_masks
 from ...dreammatcher_core import matching as core_matching
 from ...dreammatcher_core.trajectory import same_sigma
 from ..capture import subject_mask, subject_token_map, user_mask
@@ -80,9 +81,8 @@ class CallState:
         self.chunks = len(self.cou)
         self.B = rows // max(1, self.chunks)
         self.slots = chunk_slots(self.cou)
-        self.mask_sum: dict[int, torch.Tensor] = {}
-        self.mask_n: dict[int, int] = {}
-        self.mask_hw: tuple[int, int] | None = None
+        #: Per chunk, the subject token map ``[B, 1, h, w]`` of every mask layer seen in this call.
+        self.mask_maps: dict[int, list[torch.Tensor]] = {}
         self.gates: dict = {}
         self.store_v = True
 
@@ -92,9 +92,8 @@ class CallState:
     def token_map(self, c: int) -> torch.Tensor | None:
         """Mean subject cross-attention of chunk ``c`` over the mask layers: ``[B, 1, h, w]`` (None if
         not seen). ``capture.subject_mask`` turns it into the foreground mask."""
-        if c not in self.mask_sum or self.mask_hw is None:
-            return None
-        return (self.mask_sum[c] / self.mask_n[c]).reshape(self.B, 1, *self.mask_hw)
+        maps = self.mask_maps.get(c)
+        return core_masks.mean_token_map(maps) if maps else None
 
 
 class RunState:
@@ -250,9 +249,7 @@ class RunState:
                 continue
             m = subject_token_map(q[c * B:(c + 1) * B], k[c * B:(c + 1) * B], hooks.heads(extra_options),
                                   tokens)  # [B, N]
-            call.mask_sum[c] = call.mask_sum.get(c, 0) + m
-            call.mask_n[c] = call.mask_n.get(c, 0) + 1
-            call.mask_hw = hw
+            call.mask_maps.setdefault(c, []).append(m.reshape(B, 1, *hw))
 
     def finish_call(self, call: CallState) -> None:
         """After a target call: remember its cond masks (uncond chunks of the next step use them)."""

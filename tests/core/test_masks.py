@@ -97,3 +97,17 @@ def test_invalid_token_and_shapes():
         Ma.foreground_mask(attn, 1, (4, 4), latent_hw=(5, 5))
     with pytest.raises(ValueError):
         Ma.resize_mask(torch.rand(1, 1, 2, 2), (4, 4), mode="bicubic")
+
+
+def test_foreground_from_token_maps_is_the_foreground_mask_pipeline():
+    """The pieces the pack uses (per-layer token maps -> foreground_from_maps) give exactly the
+    foreground mask of the raw attention, and the binary option thresholds the soft mask at 0.5."""
+    g = torch.Generator().manual_seed(3)
+    attn = [torch.rand(2, 4, 16, 5, generator=g).softmax(-1) for _ in range(3)]
+    maps = [Ma.token_map(a, [1, 3]).reshape(2, 1, 4, 4) for a in attn]
+    soft = Ma.foreground_mask(attn, [1, 3], (8, 8), latent_hw=(4, 4))
+    assert torch.equal(Ma.foreground_from_maps(maps, (8, 8)), soft)
+    assert torch.equal(Ma.mean_token_map(maps), torch.stack(maps).mean(0))
+    binary = Ma.foreground_from_maps(maps, (8, 8), binary=True)
+    assert torch.equal(binary, (soft > 0.5).to(soft.dtype))
+    assert set(binary.unique().tolist()) <= {0.0, 1.0} and 0 < float(binary.mean()) < 1
