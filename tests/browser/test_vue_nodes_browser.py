@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from frontend_probe import DISMISS_JS, assert_no_missing_nodes, load_workflow
+from inspector_hover import assert_marker, hover_target
 from test_frontend import _workflows
 from test_inspector_browser import SHOT_ENV, _write_images, e2e_models  # noqa: F401  (fixture)
 from test_inspector_browser import _graph as inspector_graph
@@ -183,34 +184,8 @@ def test_inspector_hover_in_vue_nodes(comfy_server, vue_page, e2e_models):  # no
         return
     assert where == {"node": True, "vueElement": True, "mounted": True, "visible": True}, where
     page.evaluate(CENTRE_JS, ".dm-inspector canvas.dm-tgt")
-    tgt_canvas = page.locator(".dm-inspector canvas.dm-tgt")
-    tgt_canvas.wait_for(state="visible", timeout=30_000)
-    before = page.evaluate("""() => {
-        const c = document.querySelector('.dm-inspector canvas.dm-ref');
-        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);
-    }""")
-    box = tgt_canvas.bounding_box()
-    assert box and box["width"] > 10 and box["height"] > 10, box
-    hx, hy = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
-    # the target canvas itself receives the pointer (not a canvas overlay or the node's frame)
-    hit = page.evaluate("([x, y]) => document.elementFromPoint(x, y)?.className", [hx, hy])
-    assert hit == "dm-tgt", hit
-    page.mouse.move(hx - 5, hy - 5)
-    page.mouse.move(hx, hy, steps=3)
-    page.wait_for_function("() => document.querySelector('.dm-inspector').dataset.markerCell", timeout=10_000)
-    state = page.evaluate("""() => {
-        const root = document.querySelector('.dm-inspector');
-        const c = root.querySelector('canvas.dm-ref');
-        const ctx = c.getContext('2d');
-        const x = Math.round(parseFloat(root.dataset.markerX));
-        const y = Math.round(parseFloat(root.dataset.markerY));
-        return {ds: {...root.dataset}, px: Array.from(ctx.getImageData(x, y, 1, 1).data),
-                after: Array.from(ctx.getImageData(0, 0, c.width, c.height).data)};
-    }""")
+    state = hover_target(page)
     page.screenshot(path=str(_shot_dir(comfy_server) / "vue_inspector_hover.png"))
-    ds = state["ds"]
-    assert ds["confidence"] in ("0", "1"), ds
-    colour = [0x30, 0xFF, 0x60] if ds["confidence"] == "1" else [0xFF, 0x40, 0x40]
-    assert state["px"][:3] == colour, state["px"]
-    assert sum(1 for a, b in zip(before, state["after"], strict=True) if a != b) > 0
-    assert not [e for e in errors if "dreammatcher" in e.lower()], errors
+    # the target canvas itself receives the pointer (not a canvas overlay or the node's frame)
+    assert state["hit"] == "dm-tgt", state["hit"]
+    assert_marker(state, errors)
