@@ -54,3 +54,12 @@ def test_the_checks_can_fail(tmp_path):
     assert _DOC_REF.findall("see method.md §6 and docs/host.md") == ["method.md", "docs/host.md"]
     assert not _exists("no-such-notes.md", tmp_path / "x.py")
     assert _ISSUE_REF.search("DM_AMAPatch (issue 5 §6)") and not _ISSUE_REF.search("an issue with it")
+
+
+def test_the_registry_icon_is_in_the_repository():
+    """``pyproject.toml`` names the icon by its URL on the main branch; that file must exist here."""
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    url = re.search(r'^Icon\s*=\s*"([^"]+)"', text, re.M).group(1)
+    rel = url.split("/main/", 1)[1]
+    assert (REPO / rel).is_file(), f"{rel} (from the Icon URL) is not in the repository"
+    assert (REPO / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
