@@ -30,7 +30,8 @@ def main() -> None:
                for t in [i / 24 for i in range(25)]]
         d.line(pts, fill=colour + (255,), width=5, joint="curve")
         for x, y in ((x0, y0), (x1, y1)):
-            d.ellipse((x - 9, y - 9, x + 9, y + 9), fill=colour + (255,), outline=(255, 255, 255, 255), width=2)
+            d.ellipse((x - 9, y - 9, x + 9, y + 9), fill=colour + (255,), outline=(255, 255, 255, 255),
+                      width=2)
     d.text((SIZE // 2, 214), "DreamMatcher", fill=(230, 232, 245, 255), anchor="mm")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     img.save(OUT)
