@@ -174,11 +174,19 @@ def test_inspector_hover_in_vue_nodes(comfy_server, vue_page, e2e_models):  # no
     page.screenshot(path=str(_shot_dir(comfy_server) / "vue_inspector_ready.png"))
     where = page.evaluate(IN_VUE_NODE_JS, ["DM_SemanticMatch", ".dm-inspector"])
     if not where["mounted"]:
-        # Frontend 1.32's Vue renderer does not mount this DOM widget (added when the node has
-        # run, next to its ui.images preview); 1.45's does. Graceful degradation: the node still
-        # shows the composite preview from ui.images, and the extension raised nothing.
+        # Frontend 1.32's Vue renderer mounts no DOM widget of this node at all, not even ComfyUI's
+        # own multiline ``target_prompt`` textarea; 1.45's mounts them. The fallback is allowed only
+        # then: the node still shows the composite preview from ui.images, and the extension raised
+        # nothing.
+        stock = page.evaluate("""() => {
+            const n = window.app.graph.nodes.find(n => n.type === 'DM_SemanticMatch');
+            const w = n.widgets.find(w => w.name === 'target_prompt');
+            return !!(w && w.element && w.element.isConnected);
+        }""")
         preview = page.evaluate(IN_VUE_NODE_JS, ["DM_SemanticMatch", "img"])
-        print(f"\n[browser] Vue renderer did not mount the inspector panel: {where}; preview {preview}")
+        print(f"\n[browser] Vue renderer did not mount the inspector panel: {where}; the frontend's own "
+              f"multiline widget mounted: {stock}; preview {preview}")
+        assert not stock, "the frontend mounts its own DOM widget on this node but not the pack's panel"
         assert where["vueElement"] and preview["mounted"] and preview["visible"], (where, preview)
         assert not [e for e in errors if "dreammatcher" in e.lower()], errors
         return
