@@ -39,13 +39,10 @@ class TokenAttnTap:
         labels = hooks.chunk_labels(extra_options)
         keep = [t for t in self.tokens if k is not None and t < k.shape[1]]
         if hw is not None and keep and 0 in labels:
-            for _c, label, qc in hooks.chunks(q, labels):
-                if label != 0:
-                    continue
-                kc = hooks.chunks(k, labels)[_c][2]
-                m = subject_token_map(qc, kc, hooks.heads(extra_options), keep)
-                self.maps.append(m.view(qc.shape[0], 1, *hw).detach().cpu())
-                break
+            c = labels.index(0)  # the first cond chunk
+            qc, kc = hooks.chunks(q, labels)[c][2], hooks.chunks(k, labels)[c][2]
+            m = subject_token_map(qc, kc, hooks.heads(extra_options), keep)
+            self.maps.append(m.view(qc.shape[0], 1, *hw).detach().cpu())
         if self.previous is not None:
             return self.previous(q, k, v, extra_options, **kwargs)
         return hooks.call_attention(q, k, v, extra_options)
