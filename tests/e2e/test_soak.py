@@ -32,7 +32,9 @@ from server_fixture import ComfyServer
 PROMPTS = 30
 STEPS = 12
 #: Growth of the server's resident memory allowed from the end of warm-up to the end of the soak.
-RSS_BOUND_MIB = 100.0
+#: Measured on the 2-core CI machine kind: 5, 49 and 131 MiB in three runs (allocator arenas on a
+#: ~2.4 GiB process); a leak of the run state or of a reference per prompt would grow without bound.
+RSS_BOUND_MIB = 250.0
 WARMUP = 8
 PROBE = Path(__file__).resolve().parent / "soak_probe"
 #: The sampler's progress bar at step 3..9 (tqdm writes e.g. "  3/13 [" to the server log; the
