@@ -14,11 +14,14 @@ def node_classes() -> list[type]:
     from .node_diagnostics import AMADiagnostics
     from .node_features import ExtractFeatures
     from .node_guidance import MatchingGuidance, MatchingGuidanceSampler
+    from .node_inspect import InspectFeatures, InspectMatch
     from .node_invert import InvertReference, LoadReference, SaveReference
     from .node_match import SemanticMatch
+    from .node_settings import FeatureSettings, MatchSettings
 
-    return [InvertReference, SaveReference, LoadReference, ExtractFeatures, SemanticMatch,
-            AMAModelPatch, MatchingGuidanceSampler, MatchingGuidance, AMADiagnostics]
+    return [InvertReference, SaveReference, LoadReference, FeatureSettings, MatchSettings, AMAModelPatch,
+            MatchingGuidanceSampler, MatchingGuidance, AMADiagnostics, InspectFeatures, InspectMatch,
+            ExtractFeatures, SemanticMatch]
 
 
 def make_extension():

@@ -9,15 +9,20 @@ Two roles in one node, so saved workflows never need a second node type:
   and shows its first three principal components as colours, jointly projected so that the same
   semantics get the same colours in both images (paper Fig. 6).
 
+The same two roles exist as separate nodes, ``DM_FeatureSettings`` and ``DM_InspectFeatures``
+(:mod:`.node_settings`, :mod:`.node_inspect`), which new graphs can use instead.
+
 The widget order (layers, pca_dim, grid, noise_percent, seed) is a public contract.
 """
 
 from __future__ import annotations
 
-from .config import GRIDS, feature_config
+from .config import feature_config
 from .host import require_node_api
-from .inspector import blank_image, feature_images
-from .sockets import CATEGORY, DMFeatures, inspector_noise_inputs
+from .inputs import feature_inspector_inputs, feature_setting_inputs, noise_inputs
+from .inspector import blank_image
+from .node_inspect import feature_views
+from .sockets import CATEGORY, DMFeatures
 
 io = require_node_api().io
 
@@ -35,43 +40,13 @@ class ExtractFeatures(io.ComfyNode):
                 "Chooses the UNet decoder features DreamMatcher matches on. Connect 'features' to "
                 "DM_AMAPatch / DM_SemanticMatch. Optionally connect a model and one or two latents to SEE "
                 "the features: the first three principal components, coloured consistently across both "
-                "images (same colour = same semantics)."
+                "images (same colour = same semantics). The same roles as two lighter nodes: "
+                "Feature Settings and Inspect Features."
             ),
             inputs=[
-                io.String.Input(
-                    "layers", default="",
-                    tooltip=("Decoder output blocks whose outputs build the descriptor, e.g. '5,8' (SD1.5 "
-                             "official: 32x32 and 64x64 at 512px). Empty = the model's default "
-                             "(SD1.5: 5,8)."),
-                ),
-                io.Int.Input(
-                    "pca_dim", default=256, min=3, max=2048, step=1,
-                    tooltip=("Dimensions kept per layer by the joint (reference+target) PCA. Official: 256 "
-                             "per layer, 512 in total. Lower is faster and smoother, higher is sharper."),
-                ),
-                io.Combo.Input(
-                    "grid", options=GRIDS, default="finest",
-                    tooltip="Resolution of the descriptor: 'finest' resizes all layers to the finest chosen "
-                            "layer's grid (official).",
-                ),
-                io.Model.Input(
-                    "model", optional=True,
-                    tooltip="Inspector only: the model whose features to show.",
-                ),
-                io.Latent.Input(
-                    "latent_a", optional=True,
-                    tooltip="Inspector only: first image (e.g. the reference), as a LATENT (VAEEncode).",
-                ),
-                io.Latent.Input(
-                    "latent_b", optional=True,
-                    tooltip="Inspector only: optional second image (e.g. a generated target); its colours "
-                            "are comparable with latent_a's.",
-                ),
-                io.Conditioning.Input(
-                    "conditioning", optional=True,
-                    tooltip="Inspector only: prompt for the feature pass (default: an all-zero prompt).",
-                ),
-                *inspector_noise_inputs(),
+                *feature_setting_inputs(),
+                *feature_inspector_inputs("Inspector only: ", model_optional=True),
+                *noise_inputs("Inspector only: ", fixed_seed=False),
             ],
             outputs=[
                 DMFeatures.Output("features",
@@ -95,10 +70,5 @@ class ExtractFeatures(io.ComfyNode):
                 )
             blank = blank_image()
             return io.NodeOutput(config, blank, blank)
-        pca_a, pca_b = feature_images(
-            model, config, latent_a, latent_b, conditioning, noise_percent, seed
-        )
-        api = require_node_api()
-        previews = [pca_a] if latent_b is None else [pca_a, pca_b]
-        ui = {"images": [r for img in previews for r in api.ui.PreviewImage(img, cls=cls).values]}
-        return io.NodeOutput(config, pca_a, pca_b, ui=ui)
+        images, ui = feature_views(cls, model, config, latent_a, latent_b, conditioning, noise_percent, seed)
+        return io.NodeOutput(config, *images, ui=ui)

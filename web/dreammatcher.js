@@ -6,7 +6,7 @@
 //    generic text display.
 // 2. "dreammatcher.inspector", the correspondence inspector, described below.
 //
-// When DM_SemanticMatch has run as an inspector, its `ui.dm_match` payload carries the reference
+// When DM_InspectMatch (or DM_SemanticMatch with its inspector sockets) has run, its `ui.dm_match` payload carries the reference
 // and target previews (temp files) and, per target cell, the matched reference cell, the
 // confidence and the soft mask. This extension shows reference | target side by side on the node;
 // hovering a target pixel marks its matched reference pixel and shows the confidence there.
@@ -15,7 +15,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const NODE = "DM_SemanticMatch";
+// Both nodes send the same `ui.dm_match` payload.
+const MATCH_INSPECTORS = new Set(["DM_InspectMatch", "DM_SemanticMatch"]);
 
 function viewUrl(file) {
   const q = new URLSearchParams({ filename: file.filename, subfolder: file.subfolder || "", type: file.type || "temp" });
@@ -204,7 +205,7 @@ app.registerExtension({
 app.registerExtension({
   name: "dreammatcher.inspector",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE) return;
+    if (!MATCH_INSPECTORS.has(nodeData?.name)) return;
     chainOnExecuted(nodeType, "inspector", (m) => m?.dm_match?.[0], show);
   },
 });

@@ -6,7 +6,7 @@ Layers, each importing only its own and lower ones:
 1. plain data and policy: ``nodes.layout``, ``nodes.config``, ``nodes.subject``
 2. the host layer ``nodes.host`` (the only code importing ComfyUI)
 3. runtimes: inversion, reference files, capture, the AMA package, guidance, inspectors
-4. node declarations: ``nodes.node_*``, ``nodes.sockets``, ``nodes.extension``
+4. node declarations: ``nodes.node_*``, ``nodes.sockets``, ``nodes.inputs``, ``nodes.extension``
 5. the pack's ``__init__`` (ComfyUI's entry point)
 
 and there is no import cycle anywhere. Function-level imports count like module-level ones.
@@ -28,7 +28,7 @@ HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder
 DATA = {"nodes.layout", "nodes.config", "nodes.subject"}
 RUNTIMES = {"nodes.inversion", "nodes.reference", "nodes.capture", "nodes.guidance", "nodes.guidance_run",
             "nodes.inspector", "nodes.inspector_match"}
-DECLARATIONS = {"nodes.sockets", "nodes.extension"}
+DECLARATIONS = {"nodes.sockets", "nodes.inputs", "nodes.extension"}
 MAX_LINES = 400
 
 
