@@ -1,73 +1,212 @@
-"""Source of truth for the example workflows (API format).
+"""Source of truth for the example workflows: each is an API-format graph plus a reading layout.
 
-``scripts/make_examples.py`` turns each graph into the UI-format file in ``example_workflows/``
-through the real frontend (``app.loadApiJson`` then ``graph.serialize``) and writes the API twin
-to ``example_workflows/api/``; the e2e tier runs the API twins on a random checkpoint.
+``scripts/make_examples.py`` loads each graph into the real ComfyUI frontend
+(``app.loadApiJson``), lays it out as :class:`Layout` says (groups left to right, a Note at the
+top of every group, every seed fixed so that the DreamMatcher image and its baseline share the
+initial noise), serialises it into ``example_workflows/<name>.json``, writes the API twin to
+``example_workflows/api/<name>.json`` and screenshots the graph into ``<name>.jpg``, the
+thumbnail the template browser shows. The e2e tier runs every API twin on random checkpoints;
+the browser tier checks that each UI file converts back to its twin.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 CKPT = "v1-5-pruned-emaonly.safetensors"
+CKPT_SDXL = "sd_xl_base_1.0.safetensors"
+REF_IMAGE = "example.png"
+TARGET_IMAGE = "example.png"
 REF_PROMPT = "a photo of sks dog"
 TARGET_PROMPT = "a photo of sks dog swimming in a pool"
 SUBJECT = "sks dog"
+SEED = 42
+
+NOTE_MODEL = ("Your checkpoint, the same one the subject was learned on. Put a LoRA loader here for a "
+              "DreamBooth/LoRA subject; a TI embedding goes into the prompts as embedding:name.")
+NOTE_REFERENCE = ("One photo of your subject, at the generation size. DDIM Invert Reference runs the "
+                  "sampler backwards once and stores the path; the reference prompt describes the photo "
+                  "('a photo of sks dog'). Check its reconstruction error on the node.")
+NOTE_MATCHING = ("AMA Model Patch swaps the target's self-attention values for the reference's, warped "
+                 "along the semantic correspondence. Match Settings: 'subject' = the subject's words as "
+                 "they appear in the TARGET prompt (its cross-attention is the mask). Strength 0 = plain "
+                 "sampling; start_percent 0.08 skips the first steps, where the layout forms.")
+NOTE_GENERATE = ("The target prompt decides the layout; AMA brings the reference's appearance. The "
+                 "sampler must use the reference's schedule (ddim_uniform, same steps). AMA Diagnostics "
+                 "shows per step how much of the image was matched and injected.")
+NOTE_GUIDANCE = ("Matching Guidance Sampler: DDIM with the paper's matching guidance, which pulls the "
+                 "predicted image toward the warped reference inside the subject mask. guidance_scale "
+                 "50 is the paper's; 'fast' mode reuses AMA's correspondence (no extra backward pass).")
+NOTE_COMPARE = ("The same seed and prompt without DreamMatcher: what your checkpoint draws on its own. The "
+                "preview shows baseline | DreamMatcher.")
+NOTE_INSPECT_IMAGES = ("Two images of the same subject: the reference, and a target (e.g. a baseline "
+                       "generation). Use the same size as your generations.")
+NOTE_INSPECT_SETTINGS = ("The settings AMA would use. The subject's words must appear in the target "
+                         "prompt; its cross-attention on the target is the foreground mask.")
+NOTE_INSPECT = ("Inspect Features: the decoder features as colours (same colour = same semantics; paper "
+                "Fig. 6). Inspect Match: the reference warped onto the target, the cycle-consistency "
+                "confidence, the subject mask and the flow (Fig. 7); hover the target on the node. Each "
+                "costs one UNet pass per image; a fixed seed keeps re-queues free.")
 
 
-def _common(steps: int = 50, size: int = 512) -> dict:
+@dataclass
+class Group:
+    """A titled group of the layout: its column range starts at ``col``; ``band`` 1 sits below 0."""
+
+    title: str
+    col: int
+    note: str
+    band: int = 0
+    color: str = "#3f5159"
+    #: (node id, column offset inside the group); nodes sharing a column stack in this order (a
+    #: list, because JavaScript objects put integer-like keys in numeric order)
+    nodes: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class Layout:
+    groups: list[Group]
+
+
+def _node(cls: str, **inputs) -> dict:
+    return {"class_type": cls, "inputs": inputs}
+
+
+def _model_and_reference(ckpt: str, steps: int, size: int) -> dict:
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-        "3": {"class_type": "ImageScale", "inputs": {
-            "image": ["2", 0], "upscale_method": "bilinear", "width": size, "height": size,
-            "crop": "center"}},
-        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": REF_PROMPT, "clip": ["1", 1]}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "7": {"class_type": "DM_InvertReference", "inputs": {
-            "model": ["1", 0], "reference": ["4", 0], "reference_positive": ["5", 0], "steps": steps,
-            "scheduler": "ddim_uniform", "cfg": 1.0, "inversion_conditioning": ["6", 0]}},
-        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": TARGET_PROMPT, "clip": ["1", 1]}},
-        "9": {"class_type": "DM_SemanticMatch", "inputs": {
-            "lambda_c": 0.4, "mask_mode": "soft", "subject": SUBJECT, "clip": ["1", 1],
-            "target_prompt": TARGET_PROMPT}},
-        "10": {"class_type": "DM_AMAPatch", "inputs": {
-            "model": ["1", 0], "reference": ["7", 0], "strength": 1.0, "start_percent": 0.08,
-            "end_percent": 1.0, "layer_preset": "paper (decoder 32²+64²)", "custom_layers": "",
-            "match": ["9", 0]}},
-        "11": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["1", 2]}},
+        "1": _node("CheckpointLoaderSimple", ckpt_name=ckpt),
+        "2": _node("LoadImage", image=REF_IMAGE),
+        "3": _node("ImageScale", image=["2", 0], upscale_method="bilinear", width=size, height=size,
+                   crop="center"),
+        "4": _node("VAEEncode", pixels=["3", 0], vae=["1", 2]),
+        "5": _node("CLIPTextEncode", text=REF_PROMPT, clip=["1", 1]),
+        "6": _node("CLIPTextEncode", text="", clip=["1", 1]),
+        "7": _node("DM_InvertReference", model=["1", 0], reference=["4", 0], reference_positive=["5", 0],
+                   steps=steps, scheduler="ddim_uniform", cfg=1.0, inversion_conditioning=["6", 0]),
     }
 
 
-def ama(steps: int = 50, size: int = 512) -> dict:
-    """AMA patch + stock KSampler (paper Table 5 row IV)."""
-    g = _common(steps, size)
-    g["12"] = {"class_type": "KSampler", "inputs": {
-        "model": ["10", 0], "seed": 42, "steps": steps, "cfg": 7.5, "sampler_name": "ddim",
-        "scheduler": "ddim_uniform", "positive": ["8", 0], "negative": ["6", 0], "latent_image": ["11", 0],
-        "denoise": 1.0}}
-    g["14"] = {"class_type": "SaveImage",
-               "inputs": {"images": ["13", 0], "filename_prefix": "dreammatcher/ama"}}
+def _matching() -> dict:
+    return {
+        "9": _node("DM_MatchSettings", lambda_c=0.4, mask_mode="soft", subject=SUBJECT, clip=["1", 1],
+                   target_prompt=TARGET_PROMPT),
+        "10": _node("DM_AMAPatch", model=["1", 0], reference=["7", 0], strength=1.0, start_percent=0.08,
+                    end_percent=1.0, layer_preset="paper (decoder 32²+64²)", custom_layers="",
+                    match=["9", 0]),
+    }
+
+
+def _ksampler(model: list, steps: int) -> dict:
+    return _node("KSampler", model=model, seed=SEED, steps=steps, cfg=7.5, sampler_name="ddim",
+                 scheduler="ddim_uniform", positive=["8", 0], negative=["6", 0], latent_image=["11", 0],
+                 denoise=1.0)
+
+
+def _baseline(steps: int, prefix: str) -> dict:
+    """The same seed and prompts on the unpatched model, and a baseline | DreamMatcher preview."""
+    return {
+        "16": _ksampler(["1", 0], steps),
+        "17": _node("VAEDecode", samples=["16", 0], vae=["1", 2]),
+        "18": _node("SaveImage", images=["17", 0], filename_prefix=f"{prefix}_baseline"),
+        "19": _node("ImageBatch", image1=["17", 0], image2=["13", 0]),
+        "20": _node("PreviewImage", images=["19", 0]),
+    }
+
+
+def _generation_graph(ckpt: str, steps: int, size: int, prefix: str) -> dict:
+    g = _model_and_reference(ckpt, steps, size)
+    g.update(_matching())
+    g["8"] = _node("CLIPTextEncode", text=TARGET_PROMPT, clip=["1", 1])
+    g["11"] = _node("EmptyLatentImage", width=size, height=size, batch_size=1)
+    g["12"] = _ksampler(["10", 0], steps)
     # what AMA did per step (coverage, mask area, gate > 0.5), between the sampler and the decoder
-    g["15"] = {"class_type": "DM_AMADiagnostics", "inputs": {"model": ["10", 0], "latent": ["12", 0]}}
-    g["13"]["inputs"]["samples"] = ["15", 0]
+    g["15"] = _node("DM_AMADiagnostics", model=["10", 0], latent=["12", 0])
+    g["13"] = _node("VAEDecode", samples=["15", 0], vae=["1", 2])
+    g["14"] = _node("SaveImage", images=["13", 0], filename_prefix=prefix)
+    g.update(_baseline(steps, prefix))
     return g
+
+
+def _generation_layout(generate_note: str = NOTE_GENERATE) -> Layout:
+    return Layout([
+        Group("Model", 0, NOTE_MODEL, color="#444444", nodes=[("1", 0)]),
+        Group("1 Reference", 1, NOTE_REFERENCE, color="#335533",
+              nodes=[("2", 0), ("3", 0), ("5", 1), ("6", 1), ("4", 2), ("7", 2)]),
+        Group("2 Appearance matching", 4, NOTE_MATCHING, color="#553355", nodes=[("9", 0), ("10", 0)]),
+        Group("3 Generate", 5, generate_note, color="#335566",
+              nodes=[("8", 0), ("11", 0), ("12", 1), ("15", 2), ("13", 2), ("14", 3)]),
+        Group("Compare", 6, NOTE_COMPARE, band=1, color="#665533",
+              nodes=[("16", 0), ("17", 1), ("18", 2), ("19", 2), ("20", 3)]),
+    ])
+
+
+def ama(steps: int = 50, size: int = 512) -> dict:
+    """SD1.5: AMA patch + stock KSampler (paper Table 5 row IV), with the baseline beside it."""
+    return _generation_graph(CKPT, steps, size, "dreammatcher/ama")
 
 
 def full(steps: int = 50, size: int = 512) -> dict:
-    """AMA patch + Matching Guidance Sampler (the paper's full method, Table 5 row V)."""
-    g = _common(steps, size)
-    g["12"] = {"class_type": "DM_MatchingGuidanceSampler", "inputs": {
-        "model": ["10", 0], "reference": ["7", 0], "seed": 42, "steps": steps, "cfg": 7.5,
-        "scheduler": "ddim_uniform", "positive": ["8", 0], "negative": ["6", 0], "latent_image": ["11", 0],
-        "denoise": 1.0, "guidance_scale": 50.0, "guidance_start": 0.08, "guidance_end": 1.0, "mode": "fast",
-        "match": ["9", 0]}}
-    g["14"] = {"class_type": "SaveImage",
-               "inputs": {"images": ["13", 0], "filename_prefix": "dreammatcher/full"}}
+    """SD1.5: AMA patch + Matching Guidance Sampler (the paper's full method, Table 5 row V)."""
+    g = _generation_graph(CKPT, steps, size, "dreammatcher/full")
+    g["12"] = _node("DM_MatchingGuidanceSampler", model=["10", 0], reference=["7", 0], seed=SEED, steps=steps,
+                    cfg=7.5, scheduler="ddim_uniform", positive=["8", 0], negative=["6", 0],
+                    latent_image=["11", 0], denoise=1.0, guidance_scale=50.0, guidance_start=0.08,
+                    guidance_end=1.0, mode="fast", match=["9", 0])
     return g
 
 
-EXAMPLES = {
-    "dreammatcher_ama_ksampler": ama,
-    "dreammatcher_full_matching_guidance": full,
+def sdxl(steps: int = 50, size: int = 1024) -> dict:
+    """SDXL: AMA patch + stock KSampler at 1024², with the baseline beside it."""
+    return _generation_graph(CKPT_SDXL, steps, size, "dreammatcher/sdxl")
+
+
+def inspectors(steps: int = 50, size: int = 512) -> dict:
+    """The two inspectors on a reference and a target image (paper Figs. 6 and 7)."""
+    del steps  # no sampling: one UNet pass per image
+    return {
+        "1": _node("CheckpointLoaderSimple", ckpt_name=CKPT),
+        "2": _node("LoadImage", image=REF_IMAGE),
+        "3": _node("ImageScale", image=["2", 0], upscale_method="bilinear", width=size, height=size,
+                   crop="center"),
+        "4": _node("VAEEncode", pixels=["3", 0], vae=["1", 2]),
+        "5": _node("LoadImage", image=TARGET_IMAGE),
+        "6": _node("ImageScale", image=["5", 0], upscale_method="bilinear", width=size, height=size,
+                   crop="center"),
+        "7": _node("VAEEncode", pixels=["6", 0], vae=["1", 2]),
+        "8": _node("CLIPTextEncode", text=TARGET_PROMPT, clip=["1", 1]),
+        "9": _node("DM_MatchSettings", lambda_c=0.4, mask_mode="soft", subject=SUBJECT, clip=["1", 1],
+                   target_prompt=TARGET_PROMPT),
+        "10": _node("DM_FeatureSettings", layers="", pca_dim=256, grid="finest"),
+        "11": _node("DM_InspectFeatures", model=["1", 0], latent_a=["4", 0], latent_b=["7", 0],
+                    features=["10", 0], conditioning=["8", 0], noise_percent=0.25, seed=0),
+        "12": _node("DM_InspectMatch", model=["1", 0], match=["9", 0], reference=["4", 0], target=["7", 0],
+                    features=["10", 0], conditioning=["8", 0], vae=["1", 2], noise_percent=0.25, seed=0),
+    }
+
+
+def _inspector_layout() -> Layout:
+    return Layout([
+        Group("Model", 0, NOTE_MODEL, color="#444444", nodes=[("1", 0)]),
+        Group("1 Reference and target", 1, NOTE_INSPECT_IMAGES, color="#335533",
+              nodes=[("2", 0), ("5", 0), ("3", 1), ("6", 1), ("4", 2), ("7", 2)]),
+        Group("2 Settings", 4, NOTE_INSPECT_SETTINGS, color="#553355", nodes=[("8", 0), ("9", 0), ("10", 0)]),
+        Group("3 Inspect", 5, NOTE_INSPECT, color="#335566", nodes=[("11", 0), ("12", 0)]),
+    ])
+
+
+@dataclass(frozen=True)
+class Example:
+    build: object  # (steps, size) -> API graph
+    layout: Layout
+    checkpoint: str  # the checkpoint family the graph needs ("sd15" or "sdxl")
+    #: what the e2e tier runs it at (steps, size): small, on random weights
+    smoke: tuple[int, int] = (4, 64)
+
+
+EXAMPLES: dict[str, Example] = {
+    "dreammatcher_ama_ksampler": Example(ama, _generation_layout(), "sd15"),
+    "dreammatcher_full_matching_guidance": Example(
+        full, _generation_layout(NOTE_GENERATE + " " + NOTE_GUIDANCE), "sd15"),
+    "dreammatcher_inspectors": Example(inspectors, _inspector_layout(), "sd15"),
+    "dreammatcher_sdxl": Example(sdxl, _generation_layout(), "sdxl", smoke=(4, 128)),
 }

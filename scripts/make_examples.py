@@ -1,13 +1,18 @@
 """Regenerate ``example_workflows/`` from ``scripts/example_graphs.py``.
 
 Each API-format graph is loaded into the real ComfyUI frontend (headless Debian chromium) with
-``app.loadApiJson`` and serialised back with ``app.graph.serialize()``, so the UI-format files
-carry exactly the widget layout the frontend expects. The API twin goes to
-``example_workflows/api/``. Run: ``.venv/bin/python scripts/make_examples.py``.
+``app.loadApiJson``, laid out by its :class:`example_graphs.Layout` (columns left to right, a
+group per stage with a Note at its top, seeds fixed), and serialised back with
+``app.graph.serialize()``, so the UI-format files carry exactly the widget layout the frontend
+expects. The API twin goes to ``example_workflows/api/``; a screenshot of the laid-out graph,
+fitted to the view, becomes ``example_workflows/<name>.jpg`` (the template browser's thumbnail).
+Run: ``.venv/bin/python scripts/make_examples.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import sys
 import tempfile
@@ -23,6 +28,113 @@ from server_fixture import ComfyServer  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 2400, "height": 1400}
+THUMB_WIDTH = 1024
+
+#: Places every node: column x from the widest node of each column, nodes of one group and column
+#: stacked, band-1 groups below the band-0 groups they share columns with; then a Note at the top
+#: of each group's first column and the group's rectangle around its members. Fixes every
+#: "control after generate" widget so the DreamMatcher image and its baseline share the seed.
+LAYOUT_JS = """([layout]) => {
+    const LG = window.LiteGraph;
+    const g = window.app.graph;
+    const GAP_X = 70, GAP_Y = 40, TITLE = LG.NODE_TITLE_HEIGHT || 30, PAD = 20, HEAD = 40;
+    const NOTE_W = 340;
+    for (const n of g._nodes) for (const w of (n.widgets || []))
+        if (w.name === 'control_after_generate') w.value = 'fixed';
+    // notes first, so they take part in the column widths and stacks
+    const members = layout.groups.map(grp => {
+        const note = LG.createNode('Note');
+        note.widgets[0].value = grp.note;
+        note.title = 'Note: ' + grp.title;
+        g.add(note);
+        const lines = Math.ceil(grp.note.length / 46) + 1;
+        note.size = [NOTE_W, 28 + 15 * lines];
+        const list = [[note, 0]];
+        for (const [id, off] of grp.nodes) {
+            const node = g.getNodeById(Number(id));
+            if (!node) throw new Error('layout names node ' + id + ' that the graph lacks');
+            list.push([node, off]);
+        }
+        return list;
+    });
+    const colW = {};
+    layout.groups.forEach((grp, i) => {
+        for (const [node, off] of members[i]) {
+            const c = grp.col + off;
+            colW[c] = Math.max(colW[c] || 0, node.size[0]);
+        }
+    });
+    const maxCol = Math.max(...Object.keys(colW).map(Number));
+    const colX = [];
+    let x = 0;
+    for (let c = 0; c <= maxCol; c++) { colX[c] = x; x += (colW[c] || 0) + GAP_X; }
+    const bottom = {};  // per band-0 column: lowest y used
+    const place = (band) => layout.groups.forEach((grp, i) => {
+        if (grp.band !== band) return;
+        const cols = members[i].map(([, off]) => grp.col + off);
+        let top = 0;
+        if (band > 0) top = Math.max(...cols.map(c => bottom[c] || 0)) + 2 * GAP_Y;
+        const y = {};
+        let minX = Infinity, minY = Infinity, maxX = -Infinity, maxY = -Infinity;
+        for (const [node, off] of members[i]) {
+            const c = grp.col + off;
+            const ny = (y[c] ?? top + HEAD + TITLE);
+            node.pos = [colX[c], ny];
+            y[c] = ny + node.size[1] + TITLE + GAP_Y;
+            minX = Math.min(minX, colX[c]); maxX = Math.max(maxX, colX[c] + node.size[0]);
+            minY = Math.min(minY, ny - TITLE); maxY = Math.max(maxY, ny + node.size[1]);
+        }
+        const group = new LG.LGraphGroup(grp.title);
+        group.color = grp.color;
+        group.font_size = 28;
+        g.add(group);
+        group.pos = [minX - PAD, minY - HEAD];
+        group.size = [maxX - minX + 2 * PAD, maxY - minY + HEAD + PAD];
+        if (band === 0) for (const c of cols) bottom[c] = Math.max(bottom[c] || 0, maxY + PAD);
+    });
+    place(0);
+    place(1);
+    g.setDirtyCanvas(true, true);
+    return JSON.stringify(g.serialize());
+}"""
+
+#: Lift the canvas above the frontend's menus and panels (so the thumbnail shows only the graph),
+#: fit the whole graph into it, draw, and return the box to capture.
+FIT_JS = """() => {
+    const app = window.app, g = app.graph, ds = app.canvas.ds, el = app.canvas.canvas;
+    // the canvas and the DOM widgets (prompt and note texts) share one container
+    const box = el.parentElement;
+    box.style.position = 'fixed';
+    box.style.inset = '0px';
+    box.style.zIndex = '2147483647';
+    for (const child of box.children)
+        if (child !== el && !child.querySelector('.dom-widget')) child.style.display = 'none';
+    let minX = Infinity, minY = Infinity, maxX = -Infinity, maxY = -Infinity;
+    for (const grp of (g._groups || g.groups || [])) {
+        minX = Math.min(minX, grp.pos[0]); minY = Math.min(minY, grp.pos[1]);
+        maxX = Math.max(maxX, grp.pos[0] + grp.size[0]); maxY = Math.max(maxY, grp.pos[1] + grp.size[1]);
+    }
+    const r = el.getBoundingClientRect();
+    const pad = 30;
+    const scale = Math.min((r.width - 2 * pad) / (maxX - minX), (r.height - 2 * pad) / (maxY - minY), 1);
+    ds.scale = scale;
+    ds.offset[0] = -minX + pad / scale;
+    ds.offset[1] = -minY + pad / scale;
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    const w = Math.ceil((maxX - minX) * scale + 2 * pad), h = Math.ceil((maxY - minY) * scale + 2 * pad);
+    return {x: r.left, y: r.top, width: Math.min(w, r.width), height: Math.min(h, r.height)};
+}"""
+
+
+def _thumbnail(png: bytes, dest: Path) -> None:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    if img.width > THUMB_WIDTH:
+        img = img.resize((THUMB_WIDTH, round(img.height * THUMB_WIDTH / img.width)), Image.LANCZOS)
+    img.save(dest, "JPEG", quality=88)
 
 
 def main() -> None:
@@ -34,27 +146,31 @@ def main() -> None:
         server = ComfyServer(comfy_root(), Path(tmp))
         server.start()
         try:
+            server.post_json("/settings", {"Comfy.TutorialCompleted": True})
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                page = browser.new_page(viewport=VIEWPORT)
                 page.goto(server.url, wait_until="domcontentloaded")
                 ready = "window.app && window.app.graph && window.app.graph.nodes !== undefined"
                 page.wait_for_function(ready, timeout=120_000)
-                for name, build in EXAMPLES.items():
-                    api = build()
+                page.wait_for_timeout(3000)
+                for name, example in EXAMPLES.items():
+                    api = example.build()
                     (out_dir / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
-                    ui = page.evaluate(
-                        """async ([api, name]) => {
-                            await window.app.loadApiJson(api, name + '.json');
-                            const g = window.app.graph;
-                            if (g.arrange) g.arrange();
-                            return JSON.stringify(g.serialize());
-                        }""", [api, name])
-                    ui = json.loads(ui)
-                    types = sorted({n["type"] for n in ui["nodes"]})
-                    assert len(ui["nodes"]) == len(api), (name, len(ui["nodes"]), len(api))
+                    page.evaluate("async ([api, name]) => { await window.app.loadApiJson(api, name); }",
+                                  [api, name + ".json"])
+                    layout = dataclasses.asdict(example.layout)
+                    ui = json.loads(page.evaluate(LAYOUT_JS, [layout]))
+                    real = [n for n in ui["nodes"] if n["type"] != "Note"]
+                    assert len(real) == len(api), (name, len(real), len(api))
                     (out_dir / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
-                    print(f"wrote {name}: {len(ui['nodes'])} nodes ({', '.join(types)})")
+                    page.wait_for_timeout(500)
+                    box = page.evaluate(FIT_JS)
+                    page.wait_for_timeout(800)
+                    _thumbnail(page.screenshot(clip=box), out_dir / f"{name}.jpg")
+                    types = sorted({n["type"] for n in real})
+                    print(f"wrote {name}: {len(real)} nodes + {len(ui['nodes']) - len(real)} notes, "
+                          f"{len(ui['groups'])} groups ({', '.join(types)})")
                 browser.close()
         finally:
             server.stop()

@@ -32,6 +32,7 @@ from frontend_probe import (
 from server_fixture import PACK_FOLDER, pack_node_ids
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+REPO_EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 
 def _workflows(server) -> list[tuple[str, dict]]:
     """The pack's example workflows as served by the server; the fixtures while there are none."""
@@ -85,3 +86,61 @@ def test_missing_node_detection_works(comfy_server, frontend, tmp_path):
     assert_missing_reported(result)
     page.evaluate(DISMISS_JS)
     page.wait_for_function(NO_MISSING_UI_JS, timeout=10_000)
+
+
+#: The frontend's own UI -> API conversion of the graph on the canvas (what "Queue" posts).
+TO_API_JS = """async () => {
+    const {output} = await window.app.graphToPrompt();
+    const out = {};
+    for (const [id, node] of Object.entries(output))
+        out[id] = {class_type: node.class_type, inputs: node.inputs};
+    return out;
+}"""
+
+
+def test_examples_convert_to_their_api_twins(comfy_server, frontend):
+    """Each served UI example, loaded and converted by the frontend, is exactly its API twin.
+
+    The e2e tier runs the twins; this makes sure a user who opens the UI file queues that graph.
+    """
+    page, _ = frontend
+    twins = REPO_EXAMPLES / "api"
+    checked = 0
+    for name, wf in _workflows(comfy_server):
+        if not name.startswith("example:"):
+            continue
+        stem = name.split(":", 1)[1]
+        twin = json.loads((twins / f"{stem}.json").read_text(encoding="utf-8"))
+        load_workflow(page, wf)
+        got = page.evaluate(TO_API_JS)
+        page.evaluate(DISMISS_JS)
+        assert set(got) == set(twin), (stem, sorted(got), sorted(twin))
+        for nid, node in twin.items():
+            assert got[nid]["class_type"] == node["class_type"], (stem, nid)
+            assert got[nid]["inputs"] == node["inputs"], (stem, nid, got[nid]["inputs"], node["inputs"])
+        checked += 1
+        print(f"\n[browser] {stem}: {len(twin)} nodes convert to the API twin")
+    assert checked == len(list(twins.glob("*.json"))), "some API twins have no served UI example"
+
+
+def test_example_thumbnails_are_served(comfy_server, frontend):
+    """The template browser asks ``/api/workflow_templates/<pack>/<name>.jpg`` for a custom-node
+    template's thumbnail (both frontends); every served example has one there, a real JPEG."""
+    page, _ = frontend
+    names = comfy_server.get_json("/api/workflow_templates").get(PACK_FOLDER, [])
+    assert names, "the server lists no example workflows for the pack"
+    for name in names:
+        url = f"/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(name)}.jpg"
+        got = page.evaluate("""async (url) => {
+            const r = await fetch(url);
+            const img = new Image();
+            const ok = await new Promise(res => {
+                img.onload = () => res(true);
+                img.onerror = () => res(false);
+                img.src = url;
+            });
+            return {status: r.status, type: r.headers.get('content-type'), decoded: ok, w: img.naturalWidth};
+        }""", url)
+        print(f"\n[browser] thumbnail {name}: {got}")
+        assert got["status"] == 200 and got["type"].startswith("image/jpeg"), got
+        assert got["decoded"] and got["w"] >= 512, got
