@@ -3,7 +3,9 @@
 #   make test-compat  set up a second environment for the newest host in ../shared/hosts/ (or
 #                 COMFYUI_TARBALL / COMFYUI_PATH) and run the host, e2e and browser tiers on it
 #   make serve    start the embedded ComfyUI with this pack on http://127.0.0.1:8188
-#   make run      run the example workflow headless on a random-weight checkpoint
+#   make run CKPT=model.safetensors REF=photo.png PROMPT="..." SUBJECT="..." [LORA=f[:w] STEPS= SEED=
+#                 BATCH= SIZE= OUT=]  the full method and its baseline headless, with the inspectors
+#                 (without CKPT: a random-weight smoke checkpoint; the images are noise)
 #   make bench    AMA / guidance cost vs plain ComfyUI sampling (ratios)
 #   make bench-core  matching kernels vs a naive implementation
 #   make gpu-check   GPU parity, timing and peak VRAM (on a CUDA machine; writes $OUT or ./gpu-out)
@@ -35,7 +37,9 @@ serve: setup
 	@bash scripts/serve.sh $(PORT) "$(SERVE_BASE)"
 
 run: setup
-	$(PY) scripts/run_example.py
+	@$(PY) scripts/run_example.py --ckpt "$(CKPT)" --ref "$(REF)" --prompt "$(PROMPT)" --subject "$(SUBJECT)" \
+	  --ref-prompt "$(REF_PROMPT)" --lora "$(LORA)" --steps "$(STEPS)" --seed "$(SEED)" --batch "$(BATCH)" \
+	  --size "$(SIZE)" --out "$(OUT)"
 
 bench: setup
 	$(PY) benchmarks/bench_sampling.py

@@ -210,3 +210,47 @@ EXAMPLES: dict[str, Example] = {
     "dreammatcher_inspectors": Example(inspectors, _inspector_layout(), "sd15"),
     "dreammatcher_sdxl": Example(sdxl, _generation_layout(), "sdxl", smoke=(4, 128)),
 }
+
+
+#: Roles of the images ``make run`` saves: SaveImage node id -> file name stem.
+RUN_SAVES = {
+    "14": "dreammatcher", "18": "baseline", "31": "inspect_match_composite", "32": "inspect_match_flow",
+    "33": "inspect_match_warped", "34": "inspect_features_reference", "35": "inspect_features_dreammatcher",
+}
+
+
+def run_graph(*, ckpt: str, steps: int, size: int, prompt: str, subject: str, ref_prompt: str, seed: int,
+              batch: int, lora: str | None = None, lora_strength: float = 1.0) -> dict:
+    """The graph ``make run`` queues: the full method and its baseline, plus both inspectors.
+
+    The reference image is ``REF_IMAGE`` in ComfyUI's input folder. With ``lora``, a LoraLoader
+    sits after the checkpoint and everything that read the checkpoint's MODEL/CLIP reads it.
+    The inspectors compare the reference with the DreamMatcher image(s).
+    """
+    g = full(steps, size)
+    g["5"]["inputs"]["text"] = ref_prompt
+    g["8"]["inputs"]["text"] = prompt
+    g["9"]["inputs"].update(subject=subject, target_prompt=prompt)
+    g["11"]["inputs"]["batch_size"] = batch
+    for sampler in ("12", "16"):
+        g[sampler]["inputs"]["seed"] = seed
+    for stem, node in (("dreammatcher", "14"), ("baseline", "18")):
+        g[node]["inputs"]["filename_prefix"] = f"dreammatcher_run/{stem}"
+    del g["19"], g["20"]  # the side-by-side comparison is composed by the script
+    g["1"]["inputs"]["ckpt_name"] = ckpt
+    if lora:
+        for node in g.values():
+            for key, value in node["inputs"].items():
+                if value in (["1", 0], ["1", 1]):
+                    node["inputs"][key] = ["21", value[1]]
+        g["21"] = _node("LoraLoader", model=["1", 0], clip=["1", 1], lora_name=lora,
+                        strength_model=lora_strength, strength_clip=lora_strength)
+    base_model = ["21", 0] if lora else ["1", 0]
+    g["22"] = _node("DM_InspectMatch", model=base_model, match=["9", 0], reference=["4", 0], target=["12", 0],
+                    conditioning=["8", 0], vae=["1", 2], noise_percent=0.25, seed=0)
+    g["23"] = _node("DM_InspectFeatures", model=base_model, latent_a=["4", 0], latent_b=["12", 0],
+                    conditioning=["8", 0], noise_percent=0.25, seed=0)
+    outputs = {"31": ["22", 4], "32": ["22", 3], "33": ["22", 0], "34": ["23", 0], "35": ["23", 1]}
+    for node, image in outputs.items():
+        g[node] = _node("SaveImage", images=image, filename_prefix=f"dreammatcher_run/{RUN_SAVES[node]}")
+    return g

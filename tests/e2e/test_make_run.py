@@ -1,0 +1,91 @@
+"""``make run`` end to end: the script starts its own embedded server, runs the full method, the
+baseline and the inspectors on given files, shows progress and writes the images it promises.
+
+The script is run exactly as ``make run`` runs it (``scripts/run_example.py`` with the same
+flags), as a subprocess with the host's Python and ``COMFYUI_PATH``, so it exercises the real
+start-up, model-folder linking and websocket progress.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from comfy_env import REPO
+
+SCRIPT = REPO / "scripts" / "run_example.py"
+
+
+def _run(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=str(REPO))
+    print(f"\n[make run] {' '.join(args)} -> rc {proc.returncode} in {time.perf_counter() - t0:.1f} s\n"
+          + proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def _reference(path: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (96, 80), (240, 240, 235))
+    ImageDraw.Draw(img).ellipse((20, 15, 70, 65), fill=(200, 40, 40))
+    img.save(path)
+    return path
+
+
+def test_make_run_with_checkpoint_lora_and_reference(e2e_models, comfy_server, tmp_path):
+    from PIL import Image
+
+    ckpt = comfy_server.models_dir / "checkpoints" / e2e_models.checkpoint
+    lora = comfy_server.models_dir / "loras" / e2e_models.lora
+    ref = _reference(tmp_path / "my subject.png")
+    out = tmp_path / "out"
+    proc = _run(["--ckpt", str(ckpt), "--ref", str(ref), "--prompt", "a photo of sks dog on a beach",
+                 "--subject", "sks dog", "--lora", f"{lora}:0.5", "--steps", "3", "--seed", "7",
+                 "--batch", "2", "--size", "64", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "DM_MatchingGuidanceSampler" in text and "3/3" in text, "no sampler progress shown"
+    assert f"LoRA {lora.name} @ 0.5" in text and "seed 7, batch 2" in text
+    assert str(out) in text and "RANDOM weights" not in text
+    for stem in ("dreammatcher", "baseline", "inspect_match_composite", "inspect_match_flow",
+                 "inspect_match_warped", "inspect_features_dreammatcher"):
+        for i in (1, 2):
+            assert (out / f"{stem}_{i}.png").is_file(), f"{stem}_{i}.png missing"
+    assert (out / "inspect_features_reference_1.png").is_file()
+    assert Image.open(out / "reference.png").tobytes() == Image.open(ref).tobytes()
+    sheet = Image.open(out / "comparison.png")
+    assert sheet.size == (3 * 64, 18 + 2 * 64)
+    dm = Image.open(out / "dreammatcher_1.png").tobytes()
+    base = Image.open(out / "baseline_1.png").tobytes()
+    assert dm != base, "DreamMatcher image identical to the baseline: AMA did nothing"
+    report = (out / "report.txt").read_text()
+    assert "AMA run #1" in report and "coverage" in report
+
+
+def test_make_run_without_checkpoint_says_what_the_images_are(e2e_models, tmp_path):
+    out = tmp_path / "smoke"
+    proc = _run(["--steps", "2", "--size", "64", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    assert "no CKPT" in proc.stdout and "RANDOM weights" in proc.stdout
+    assert (out / "dreammatcher_1.png").is_file() and (out / "comparison.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "/nonexistent/model.safetensors"], "no such file"),
+    (["--ref", str(REPO / "README.md")], "expected one of"),
+    (["--prompt", "a photo of a cat", "--subject", "sks dog"], "must appear in PROMPT"),
+    (["--steps", "many"], "not a whole number"),
+    (["--size", "100"], "multiple of 64"),
+])
+def test_make_run_rejects_bad_input_before_starting(args, message):
+    t0 = time.perf_counter()
+    proc = _run(args, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "[run] ComfyUI" not in proc.stdout  # nothing was started
+    assert time.perf_counter() - t0 < 60
