@@ -87,9 +87,15 @@ class ComfyServer:
     """One ComfyUI process plus small HTTP helpers (``post_prompt``, ``wait_for``...)."""
 
     def __init__(self, comfy_root: Path, base: Path, python: str = sys.executable, *, cpu: bool = True,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), pack_folder: str = PACK_FOLDER) -> None:
+        """``pack_folder`` names the pack's folder in ``custom_nodes`` (and so its module name and
+        ``/extensions/<pack_folder>/`` URL). :meth:`prepare` symlinks the checkout there unless
+        something is there already: a test may put a real copy there first (a git clone, as
+        ComfyUI-Manager installs it).
+        """
         self.comfy_root = comfy_root
         self.base = base
+        self.pack_folder = pack_folder
         self.python = python
         self.cpu = cpu  # False: let ComfyUI pick the device (the GPU check)
         self.extra_args = tuple(extra_args)
@@ -114,7 +120,8 @@ class ComfyServer:
 
     @property
     def pack_link(self) -> Path:
-        return self.base / "custom_nodes" / PACK_FOLDER
+        """The pack's folder in ``custom_nodes``: a symlink to the checkout, or a real copy."""
+        return self.base / "custom_nodes" / self.pack_folder
 
     def prepare(self) -> None:
         for sub in ("custom_nodes", "user", "input", "output", "temp",
@@ -191,8 +198,9 @@ class ComfyServer:
         """Log lines showing that the pack failed to import (plus any traceback under it).
 
         ``text`` defaults to the server log. A traceback is attributed to the pack when one of
-        its frames is in the pack's folder (the symlink path or the real checkout). Meant for
-        the start-up log: a node that raises while running a prompt also logs a traceback.
+        its frames is in the pack's folder (``pack_link``: the symlink path or a real copy such as
+        a git clone) or in the real checkout. Meant for the start-up log: a node that raises while
+        running a prompt also logs a traceback.
         """
         text = self.log_text() if text is None else text
         link = str(self.pack_link)
@@ -204,15 +212,16 @@ class ComfyServer:
         return bad
 
     def _in_pack(self, path: str) -> bool:
-        """Is ``path`` a file of this pack (via the symlink or the real checkout)?
+        """Is ``path`` a file of this pack (via ``pack_link`` or the real checkout)?
 
-        The pinned host and the venv live inside the checkout (``.host``, ``.venv``), so those
-        are excluded.
+        The hosts and their venvs live inside the checkout (``.host``, ``.venv``,
+        ``.venv-compat``), so those are excluded.
         """
         p = Path(path)
         if p.is_relative_to(self.pack_link):
             return True
-        return p.is_relative_to(REPO) and not any(p.is_relative_to(REPO / d) for d in (".host", ".venv"))
+        inside = (".host", ".venv", ".venv-compat")
+        return p.is_relative_to(REPO) and not any(p.is_relative_to(REPO / d) for d in inside)
 
     def check_pack_loaded(self) -> set[str]:
         """Fail on pack import errors or node IDs missing from ``/object_info``; return the IDs."""
@@ -220,7 +229,7 @@ class ComfyServer:
         if errors:
             raise ServerError("the pack failed to import:\n" + "\n".join(errors) + "\n--- log tail ---\n"
                               + self.log_tail())
-        ids = pack_node_ids()
+        ids = pack_node_ids(self.pack_link)  # the served copy's own IDs (a clone may differ)
         info = self.get_json("/object_info")
         missing = sorted(ids - set(info))
         if missing:

@@ -8,6 +8,14 @@
   a **subprocess** (``python checkpoints.py checkpoint OUT``) with the ComfyUI root on
   ``sys.path``, which keeps ``comfy`` out of the test process. The file is cached in
   ``.host/cache`` under a key that changes whenever this file changes.
+* ``narrow SDXL checkpoint``: the SDXL UNet with channel_mult (1,1,1) instead of (1,2,4), so
+  every level is 320 wide, and SDXL's own attention depths (0/2/10 per level, 10 in the middle),
+  because detection compares the per-block ``transformer_depth`` list with SDXL's exactly. Block
+  ids and transformer indices are therefore those of a real SDXL. CLIP-L, OpenCLIP bigG and the
+  VAE are full size (the host builds the text encoders from fixed configs): 2.4 GB in fp16.
+  Built and cached like the SD1.5 file.
+* ``detect``: what ComfyUI's own model detection makes of a checkpoint, run in a subprocess
+  on the file's header only.
 * ``kohya LoRA`` and ``TI embedding``: plain safetensors files; only torch is needed.
 
 Every weight is seeded, so the files (and hence the test images) are reproducible.
@@ -17,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -25,6 +35,7 @@ from pathlib import Path
 
 #: Bump to force a rebuild of cached checkpoints (the source hash below also does it).
 VERSION = "narrow-sd15-v1"
+SDXL_VERSION = "narrow-sdxl-v1"
 SEED = 1234
 
 NARROW_SD15_UNET = dict(
@@ -33,6 +44,18 @@ NARROW_SD15_UNET = dict(
     num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
     transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], channel_mult=[1, 1, 1, 1],
     transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768,
+    use_temporal_resblock=False, use_temporal_attention=False,
+)
+
+#: SDXL as ComfyUI detects it, except channel_mult (detection does not compare it). The input
+#: depths must stay [0, 0, 2, 2, 10, 10]: ``supported_models.SDXL.unet_config`` lists them, and a
+#: shallower list would match no model (or SSD-1B / Vega, which share SDXL's context and adm).
+NARROW_SDXL_UNET = dict(
+    use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2816, in_channels=4, out_channels=4, model_channels=320,
+    num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10],
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], channel_mult=[1, 1, 1],
+    transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048,
     use_temporal_resblock=False, use_temporal_attention=False,
 )
 
@@ -69,6 +92,20 @@ def cache_key(comfy_root: Path) -> str:
     return f"{VERSION}-{digest}"
 
 
+def sdxl_cache_key(comfy_root: Path) -> str:
+    """SDXL_VERSION plus a hash of everything that shapes the narrow SDXL file (as ``cache_key``)."""
+    parts = [SDXL_VERSION, repr(NARROW_SDXL_UNET), repr(SD_VAE_DDCONFIG), str(SEED),
+             inspect.getsource(_init_weights), inspect.getsource(_build_sdxl_checkpoint),
+             _host_version(comfy_root)]
+    digest = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:10]
+    return f"{SDXL_VERSION}-{digest}"
+
+
+def _host_version(comfy_root: Path) -> str:
+    version_file = comfy_root / "comfyui_version.py"
+    return version_file.read_text() if version_file.is_file() else str(comfy_root)
+
+
 # --------------------------------------------------------------------------------------------
 # In the test process (torch + safetensors only)
 # --------------------------------------------------------------------------------------------
@@ -81,22 +118,49 @@ def narrow_sd15(dest: Path, comfy_root: Path, python: str, cache_dir: Path | Non
     ``comfy_root`` on its path. With ``cache_dir`` the file is built once per cache key and
     hard- or sym-linked into ``dest``; older cached versions are removed.
     """
+    return _link_cached(dest, cache_key(comfy_root), "checkpoint", "narrow SD1.5 checkpoint",
+                        comfy_root, python, cache_dir, keep=1, timeout=600)
+
+
+def narrow_sdxl(dest: Path, comfy_root: Path, python: str, cache_dir: Path | None) -> Path:
+    """Write (or link from the cache) the narrow SDXL checkpoint to ``dest``.
+
+    Built like ``narrow_sd15``. The file is about 2 GB (the text encoders are full size), so
+    the cache keeps the two most recently used builds instead of one: the key contains the
+    ComfyUI version, and alternating between the two tested hosts must not rebuild each time.
+    """
+    return _link_cached(dest, sdxl_cache_key(comfy_root), "sdxl-checkpoint", "narrow SDXL checkpoint",
+                        comfy_root, python, cache_dir, keep=2, timeout=1800)
+
+
+def _link_cached(dest: Path, key: str, kind: str, label: str, comfy_root: Path, python: str,
+                 cache_dir: Path | None, *, keep: int, timeout: float) -> Path:
+    """Build ``<cache_dir>/<key>.safetensors`` once, then link it to ``dest``.
+
+    Files of the same family (the key without version and digest) are pruned after a build, keeping
+    the ``keep`` most recently used ones; a use refreshes the file's mtime. Without a cache
+    the file is built straight into ``dest``.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     if cache_dir is None:
-        _build_in_subprocess(dest, comfy_root, python)
+        _build_in_subprocess(dest, kind, label, comfy_root, python, timeout)
         return dest
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cached = cache_dir / f"{cache_key(comfy_root)}.safetensors"
-    if not cached.is_file():
+    cached = cache_dir / f"{key}.safetensors"
+    if cached.is_file():
+        os.utime(cached)
+    else:
         tmp = cache_dir / f".{cached.name}.{os.getpid()}.tmp"
         try:
-            _build_in_subprocess(tmp, comfy_root, python)
+            _build_in_subprocess(tmp, kind, label, comfy_root, python, timeout)
             os.replace(tmp, cached)
         finally:
             tmp.unlink(missing_ok=True)
-        for old in cache_dir.glob(f"{VERSION.split('-v')[0]}-*.safetensors"):
-            if old != cached:
-                old.unlink(missing_ok=True)
+        family = key.split("-v")[0]  # "narrow-sdxl-v1-<digest>" -> "narrow-sdxl": every version
+        others = [p for p in cache_dir.glob(f"{family}-*.safetensors") if p != cached]
+        others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in others[keep - 1:]:
+            old.unlink(missing_ok=True)
     if dest.exists() or dest.is_symlink():
         dest.unlink()
     try:
@@ -106,21 +170,70 @@ def narrow_sd15(dest: Path, comfy_root: Path, python: str, cache_dir: Path | Non
     return dest
 
 
-def _build_in_subprocess(out: Path, comfy_root: Path, python: str) -> None:
+def _build_in_subprocess(out: Path, kind: str, label: str, comfy_root: Path, python: str,
+                         timeout: float) -> None:
     # One OpenMP thread: robust on a busy 2-core machine (see server_fixture.server_threads).
     threads = os.environ.get("DM_SERVER_THREADS") or os.environ.get("OMP_NUM_THREADS") or "1"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [python, str(Path(__file__).resolve()), "checkpoint", str(out), str(comfy_root)],
-        cwd=str(comfy_root), capture_output=True, text=True, timeout=600,
+        [python, str(Path(__file__).resolve()), kind, str(out), str(comfy_root)],
+        cwd=str(comfy_root), capture_output=True, text=True, timeout=timeout,
         env=dict(os.environ, OMP_NUM_THREADS=threads),
     )
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(
-            f"building the narrow SD1.5 checkpoint failed (rc {proc.returncode}):\n"
+            f"building the {label} failed (rc {proc.returncode}):\n"
             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
-    print(f"[e2e] built narrow SD1.5 checkpoint in {time.perf_counter() - t0:.1f} s -> {out}")
+    peak = _marked_json(proc.stdout, _PEAK_MARK).get("peak_rss_mb", float("nan"))
+    print(f"[e2e] built {label} in {time.perf_counter() - t0:.1f} s "
+          f"({out.stat().st_size / 1e9:.2f} GB, builder peak RSS {peak / 1024:.1f} GiB) -> {out}")
+
+
+_PEAK_MARK = "DM_BUILD "
+_DETECT_MARK = "DM_DETECT "
+
+
+def _marked_json(stdout: str, mark: str) -> dict:
+    """The JSON object on the last stdout line starting with ``mark`` (ComfyUI may print too)."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(mark):
+            return json.loads(line[len(mark):])
+    return {}
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The JSON header of a safetensors file: ``{name: {dtype, shape, data_offsets}}``.
+
+    Read with the standard library (a little-endian u64 length, then JSON), so a 2 GB file
+    can be inspected without loading it. ``__metadata__`` is dropped.
+    """
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def detect(path: Path, comfy_root: Path, python: str) -> dict:
+    """How the host itself classifies the checkpoint at ``path``.
+
+    Runs ComfyUI's ``model_detection`` in a subprocess on meta tensors shaped from the file's
+    header, so it costs an import, not a load. Returns ``config`` (the supported_models
+    class), ``latent_format``, ``model_type``, ``clip`` (the text-encoder class) and
+    ``unet_config`` (the JSON-able part), or ``{"config": None}`` when nothing matched. The
+    server log cannot tell these apart: SSD-1B or Vega would also load as ``SDXL``.
+    """
+    proc = subprocess.run(
+        [python, str(Path(__file__).resolve()), "detect", str(path), str(comfy_root)],
+        cwd=str(comfy_root), capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    found = _marked_json(proc.stdout, _DETECT_MARK)
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"detection failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-6000:]}")
+    return found
 
 
 def kohya_lora(dest: Path, seed: int = SEED + 1, rank: int = 4) -> list[str]:
@@ -222,8 +335,93 @@ def _build_checkpoint(out: str) -> None:
     comfy.utils.save_torch_file(sd, out, metadata={"dreammatcher_test": VERSION})
 
 
+def _build_sdxl_checkpoint(out: str) -> None:
+    """Build the narrow SDXL file one component at a time.
+
+    The UNet and the text encoders are created directly in fp16 (in fp32 they alone would
+    take 4.4 GB), each is converted to the checkpoint layout by the host's own
+    ``process_*_for_saving`` and dropped before the next is built, so the peak stays near the
+    file size (3.3 GiB resident for the 2.4 GB file, measured). The text encoders go through
+    the converter a saved SDXL checkpoint goes through (CLIP-L under
+    ``conditioner.embedders.0``, bigG in OpenCLIP layout under
+    ``conditioner.embedders.1.model``), which the loader's ``process_clip_state_dict``
+    reverses; every weight is initialised, so nothing is left as ``torch.empty``.
+    """
+    import gc
+
+    import torch
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.ldm.models.autoencoder
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.utils
+
+    torch.manual_seed(SEED)
+    cpu, half = torch.device("cpu"), torch.float16
+    config = comfy.supported_models.SDXL(dict(NARROW_SDXL_UNET))
+    config.set_inference_dtype(half, None)
+    sd: dict[str, torch.Tensor] = {}
+
+    unet = config.get_model({}, "", device=cpu).diffusion_model
+    _init_weights(unet, SEED)
+    sd.update(config.process_unet_state_dict_for_saving(unet.state_dict()))
+    del unet
+    gc.collect()
+
+    clip = comfy.sdxl_clip.SDXLClipModel(device=cpu, dtype=half)
+    _init_weights(clip, SEED + 10)
+    sd.update(config.process_clip_state_dict_for_saving(clip.state_dict()))
+    del clip
+    gc.collect()
+
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
+    _init_weights(vae, SEED + 20)
+    sd.update({f"first_stage_model.{k}": v.half() for k, v in vae.state_dict().items()})
+    del vae
+    gc.collect()
+
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    comfy.utils.save_torch_file(sd, out, metadata={"dreammatcher_test": SDXL_VERSION})
+
+
+def _detect(path: str) -> None:
+    """Print (marked) what ``comfy.model_detection`` makes of the file's keys and shapes."""
+    import torch
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_detection
+
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
+    sd = {k: torch.empty(v["shape"], dtype=dtypes.get(v["dtype"], torch.float32), device="meta")
+          for k, v in safetensors_header(Path(path)).items()}
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    config = comfy.model_detection.model_config_from_unet(sd, prefix)
+    found: dict = {"config": None}
+    if config is not None:
+        target = config.clip_target(state_dict=sd)
+        found = {
+            "config": type(config).__name__,
+            "latent_format": type(config.latent_format).__name__,
+            "model_type": config.model_type(sd, prefix).name,
+            "clip": None if target is None else target.clip.__name__,
+            "unet_config": {k: v for k, v in config.unet_config.items()
+                            if isinstance(v, (bool, int, float, str, list, type(None)))},
+        }
+    print(_DETECT_MARK + json.dumps(found), flush=True)
+
+
+_BUILDERS = {"checkpoint": _build_checkpoint, "sdxl-checkpoint": _build_sdxl_checkpoint, "detect": _detect}
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "checkpoint":
-        raise SystemExit("usage: checkpoints.py checkpoint OUT COMFY_ROOT")
+    if len(sys.argv) != 4 or sys.argv[1] not in _BUILDERS:
+        raise SystemExit(f"usage: checkpoints.py {{{'|'.join(_BUILDERS)}}} PATH COMFY_ROOT")
     sys.path.insert(0, sys.argv[3])
-    _build_checkpoint(sys.argv[2])
+    _BUILDERS[sys.argv[1]](sys.argv[2])
+    if sys.argv[1] != "detect":
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print(_PEAK_MARK + json.dumps({"peak_rss_mb": round(peak_mb, 1)}), flush=True)
