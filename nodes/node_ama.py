@@ -19,6 +19,11 @@ from .host import require_node_api
 from .layout import PRESETS
 from .sockets import CATEGORY, DMFeatures, DMMatch, DMReference
 
+#: Default reference-bank budget. Banking never changes a result, only memory and speed; 1 GiB
+#: holds every step of SD1.5 at 512² with its default layers (about 20 MiB a step for cond and
+#: uncond together) and the first steps of SDXL at 1024² (about 220 MiB a step).
+BANK_DEFAULT_MIB = 1024
+
 io = require_node_api().io
 
 
@@ -69,6 +74,14 @@ class AMAModelPatch(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional MASK of the subject in the target; overrides the automatic "
                                       "cross-attention mask (resized to every layer)."),
+                io.Int.Input("reference_bank_mib", default=BANK_DEFAULT_MIB, min=0, max=1 << 20, step=64,
+                             optional=True,
+                             tooltip="Memory (MiB of system RAM) for the reference bank: the reference "
+                                     "branch's per-step values and features, computed in the first "
+                                     "sampling and replayed while the reference, its prompts, the model's "
+                                     "weights/LoRAs and patches stay the same (checked exactly; results "
+                                     "are identical). Roughly halves the cost of later samplings. Steps "
+                                     "beyond the budget are computed live. 0 = off."),
             ],
             outputs=[io.Model.Output(display_name="MODEL",
                                      tooltip="The patched model; use it in any sampler.")],
@@ -77,6 +90,7 @@ class AMAModelPatch(io.ComfyNode):
     @classmethod
     def execute(cls, model, reference, strength: float = 1.0, start_percent: float = 0.08,
                 end_percent: float = 1.0, layer_preset: str = PRESETS[0], custom_layers: str = "",
-                features=None, match=None, mask=None) -> io.NodeOutput:
+                features=None, match=None, mask=None,
+                reference_bank_mib: int = BANK_DEFAULT_MIB) -> io.NodeOutput:
         return io.NodeOutput(patch_model(model, reference, strength, start_percent, end_percent, layer_preset,
-                                         custom_layers, features, match, mask))
+                                         custom_layers, features, match, mask, bank_mib=reference_bank_mib))

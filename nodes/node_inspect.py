@@ -142,7 +142,7 @@ class InspectMatch(io.ComfyNode):
                 inputs[0],
                 DMMatch.Input("match", optional=True,
                               tooltip="Matching settings from Match Settings (subject, λc, mask mode); "
-                                      "default: λc 0.4, no subject mask."),
+                                      "default: λc 0.4 and no subject, i.e. the whole image counts."),
                 *inputs[1:],
                 *noise_inputs("", fixed_seed=True),
             ],

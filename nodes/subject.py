@@ -100,7 +100,8 @@ def resolve_subject(clip: Any, prompt: str, subject: str) -> tuple[int, ...]:
     if clip is None:
         raise ValueError(
             f"The subject '{subject}' must be found in the target prompt, so connect the CLIP that encodes "
-            "your target prompt to DM_SemanticMatch's 'clip' input (and the prompt text to 'target_prompt')."
+            "your target prompt to the 'clip' input of Match Settings (or Semantic Match), and the prompt "
+            "text to 'target_prompt'."
         )
     if not prompt.strip():
         raise ValueError(

@@ -36,7 +36,8 @@ NOTE_GENERATE = ("The target prompt decides the layout; AMA brings the reference
                  "shows per step how much of the image was matched and injected.")
 NOTE_GUIDANCE = ("Matching Guidance Sampler: DDIM with the paper's matching guidance, which pulls the "
                  "predicted image toward the warped reference inside the subject mask. guidance_scale "
-                 "50 is the paper's; 'fast' mode reuses AMA's correspondence (no extra backward pass).")
+                 "50 is the paper's; 'fast' mode skips the backward pass through the UNet that 'exact' "
+                 "takes, and costs far less.")
 NOTE_COMPARE = ("The same seed and prompt without DreamMatcher: what your checkpoint draws on its own. The "
                 "preview shows baseline | DreamMatcher.")
 NOTE_INSPECT_IMAGES = ("Two images of the same subject: the reference, and a target (e.g. a baseline "
@@ -92,7 +93,7 @@ def _matching() -> dict:
                    target_prompt=TARGET_PROMPT),
         "10": _node("DM_AMAPatch", model=["1", 0], reference=["7", 0], strength=1.0, start_percent=0.08,
                     end_percent=1.0, layer_preset="paper (decoder 32²+64²)", custom_layers="",
-                    match=["9", 0]),
+                    match=["9", 0], reference_bank_mib=1024),
     }
 
 

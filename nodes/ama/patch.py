@@ -17,6 +17,7 @@ from ...dreammatcher_core import diagnostics as core_diag
 from ..host import hooks, sampling
 from ..host import model as host_model
 from ..layout import PRESETS
+from .bank import ReferenceBank
 from .keys import CALL_KEY, PATCH_KEY, RUN_KEY
 from .run import CallState, RunState
 from .settings import AMASettings, resolve_settings
@@ -44,6 +45,8 @@ class AMAPatch:
         self.last_diagnostics: list = []
         #: Number of runs this patch has finished (lets a report say which run it describes).
         self.runs = 0
+        #: Reference passes kept across this patch's runs (shared by its clones; see ``bank``).
+        self.bank = ReferenceBank(settings.bank_mib)
 
     # ---------------------------------------------------------------- install
     def install(self, patcher) -> None:
@@ -192,7 +195,7 @@ class AMAPatch:
 
 def patch_model(model, reference, strength: float = 1.0, start_percent: float = 0.08,
                 end_percent: float = 1.0, layer_preset: str = PRESETS[0], custom_layers: str = "",
-                features=None, match=None, mask=None):
+                features=None, match=None, mask=None, bank_mib: float = 0.0):
     """Return a patched clone of ``model`` (the input MODEL is never mutated).
 
     Raises ValueError early and clearly: reference made for another model family, unknown preset
@@ -207,7 +210,8 @@ def patch_model(model, reference, strength: float = 1.0, start_percent: float = 
                          "model (connect the unpatched model instead).")
     settings = resolve_settings(host_model.unet_layout(model), strength=strength, start_percent=start_percent,
                                 end_percent=end_percent, layer_preset=layer_preset,
-                                custom_layers=custom_layers, features=features, match=match, mask=mask)
+                                custom_layers=custom_layers, features=features, match=match, mask=mask,
+                                bank_mib=bank_mib)
     patched = model.clone()
     patch = AMAPatch(settings, reference)
     patch.install(patched)

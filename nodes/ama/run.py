@@ -48,9 +48,6 @@ key=, chunk=, row=, hw=, delta=, gate=)`` events.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 
 from ...dreammatcher_core import ama as core_ama
@@ -61,16 +58,9 @@ from ...dreammatcher_core.trajectory import same_sigma
 from ..capture import subject_mask, subject_token_map, user_mask
 from ..host import hooks
 from ..host import model as host_model
+from .bank import Fingerprint
 from .correspond import Correspondence, CorrespondenceCache, chunk_slots
-from .keys import CALL_KEY
-
-
-@dataclass
-class RefRecord:
-    """The reference pass of one step and chunk type: V per AMA layer and decoder features."""
-
-    v: dict = field(default_factory=dict)  # key3 -> ([1, N, C], (H, W))
-    feats: dict = field(default_factory=dict)  # output-block id -> [1, C, H, W]
+from .refpass import RefRecord, reference_pass
 
 
 class CallState:
@@ -130,8 +120,15 @@ class RunState:
         #: Per-step gate figures of the cond rows (diagnostics), at the finest resolution matched.
         self.figures = core_diag.StepLog()
         self.stats = {"ref_passes": 0, "ref_rows": 0, "target_calls": 0, "injected": 0, "descriptors": 0,
-                      "flows": 0, "skipped_no_features": 0, "off_schedule": 0, "prefetched": 0}
+                      "flows": 0, "skipped_no_features": 0, "off_schedule": 0, "prefetched": 0,
+                      "bank_hits": 0, "bank_stores": 0, "bank_full": 0}
         self.corr = CorrespondenceCache(s.feature_layers, s.pca_dim, self.sigmas, self.stats)
+        #: The patch's reference bank when it may be used in this run (else None: all passes live).
+        self.bank = None
+        if self.active:  # a run that injects nothing neither uses nor resets the bank
+            items = host_model.unet_call_fingerprint(model_patcher, transformer_options)
+            fingerprint = Fingerprint((patch.reference, *items)) if items is not None else None
+            self.bank = patch.bank if patch.bank.begin_run(fingerprint) else None
 
     def __deepcopy__(self, memo):
         return self
@@ -166,45 +163,13 @@ class RunState:
         self.figures = core_diag.StepLog()
 
     # ---------------------------------------------------------------- reference pass
+    def make_call(self, mode: str, step: int, cou: list[int], rows: int) -> CallState:
+        return CallState(self, mode, step, cou, rows)
+
     def reference_pass(self, executor, step: int, types: list[int], x, t, c_crossattn, transformer_options,
                        kwargs, cou: list[int]) -> None:
-        """One UNet call on the replayed reference latent, one row per missing chunk type."""
-        ref = self.patch.reference
-        sigma = self.sigmas[step]
-        x_ref = ref.trajectory.at(sigma)[:1].to(device=x.device, dtype=x.dtype)
-        n = len(types)
-        total = x.shape[0]
-        b = total // len(cou)
-        rows_of = [cou.index(ty) * b for ty in types]
-        ctxs = []
-        for ty, row in zip(types, rows_of, strict=True):
-            cond = ref.positive if ty == 0 else ref.negative
-            if cond:
-                ctxs.append(cond[0][0][:1])
-            elif c_crossattn is not None:
-                ctxs.append(c_crossattn[row:row + 1].detach().cpu())
-            else:
-                raise ValueError("DreamMatcher AMA: the reference has no conditioning for this chunk type.")
-        length = math.lcm(*[c.shape[1] for c in ctxs])
-        ctx = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in ctxs]).to(
-            device=x.device, dtype=c_crossattn.dtype if c_crossattn is not None else x.dtype)
-        t_ref = t[:1].expand(n).clone()
-        kw = {}
-        for k, v in kwargs.items():
-            if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == total:
-                kw[k] = v[rows_of]
-            else:
-                kw[k] = v
-        ropts = hooks.options_for_rows(transformer_options, list(types), cou, t_ref)
-        call = CallState(self, "record", step, list(types), n)
-        call.store_v = step in self.active
-        ropts[CALL_KEY] = call
-        for ty in types:
-            self.ref_v.setdefault(step, {})[ty] = RefRecord()
-        with torch.no_grad():
-            executor(x_ref.expand(n, *x_ref.shape[1:]), t_ref, None, ctx, None, ropts, **kw)
-        self.stats["ref_passes"] += 1
-        self.stats["ref_rows"] += n
+        """The reference branch of ``step`` for the chunk types ``types`` (:mod:`.refpass`)."""
+        reference_pass(self, executor, step, types, x, t, c_crossattn, transformer_options, kwargs, cou)
 
     # ---------------------------------------------------------------- capture hooks
     def on_output_block(self, call: CallState, layer: int, h: torch.Tensor) -> None:
@@ -240,8 +205,8 @@ class RunState:
         if max(tokens) >= k.shape[1]:
             raise ValueError(
                 f"DreamMatcher AMA: subject token {max(tokens)} is outside the target conditioning "
-                f"({k.shape[1]} tokens). Re-resolve the subject on DM_SemanticMatch with the prompt you "
-                "sample with."
+                f"({k.shape[1]} tokens). Re-resolve the subject on Match Settings (or Semantic Match) with "
+                "the prompt you sample with."
             )
         B = call.B
         for c in range(call.chunks):

@@ -30,6 +30,8 @@ class AMASettings:
     mask_mode: str
     subject_tokens: tuple[int, ...]
     user_mask: torch.Tensor | None = None
+    #: Reference bank budget in MiB (0: no bank; see ``bank``).
+    bank_mib: float = 0.0
 
     @property
     def auto_mask(self) -> bool:
@@ -42,7 +44,7 @@ class AMASettings:
 
 def resolve_settings(layout: UNetLayout, *, strength: float, start_percent: float, end_percent: float,
                      layer_preset: str, custom_layers: str, features=None, match=None,
-                     mask: torch.Tensor | None = None) -> AMASettings:
+                     mask: torch.Tensor | None = None, bank_mib: float = 0.0) -> AMASettings:
     """Turn node inputs (+ optional DM_FEATURES / DM_MATCH configs) into :class:`AMASettings`."""
     ama = ama_blocks(layout, layer_preset, custom_layers)
     ama_keys = tuple(("output", b.id, i) for b in ama for i in range(b.depth))
@@ -67,5 +69,7 @@ def resolve_settings(layout: UNetLayout, *, strength: float, start_percent: floa
         mkeys = tuple((b.name, b.id, i) for b in mask_blocks(layout, ama) for i in range(b.depth))
     if not 0.0 <= float(strength) <= 1.0:
         raise ValueError(f"strength must be in 0..1, got {strength}.")
+    if float(bank_mib) < 0:
+        raise ValueError(f"reference_bank_mib must be 0 (off) or more; got {bank_mib}.")
     return AMASettings(float(strength), float(start_percent), float(end_percent), ama_keys, mkeys, layers,
-                       pca_dim, lambda_c, mask_mode, tokens, user_mask)
+                       pca_dim, lambda_c, mask_mode, tokens, user_mask, float(bank_mib))

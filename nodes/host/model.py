@@ -203,3 +203,47 @@ def latent_rgb_preview(model_patcher, samples: torch.Tensor) -> torch.Tensor:
     g = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
     lo, hi = g.amin((2, 3), keepdim=True), g.amax((2, 3), keepdim=True)
     return ((g - lo) / (hi - lo + 1e-6)).permute(0, 2, 3, 1)
+
+
+#: The parts of ``transformer_options`` whose callables run inside (or around) a UNet call.
+_CALLABLE_TREES = ("patches", "patches_replace", "wrappers", "callbacks")
+
+
+def _callables(tree, path: tuple) -> list:
+    """(path, callable) pairs of a nested dict/list tree, bound methods split into (self, function)."""
+    out: list = []
+    if isinstance(tree, dict):
+        for key in sorted(tree, key=repr):
+            out += _callables(tree[key], (*path, repr(key)))
+    elif isinstance(tree, (list, tuple)):
+        for i, item in enumerate(tree):
+            out += _callables(item, (*path, str(i)))
+    elif callable(tree):
+        owner, func = getattr(tree, "__self__", None), getattr(tree, "__func__", None)
+        out += [("/".join(path), owner, func)] if func is not None else [("/".join(path), tree)]
+    return out
+
+
+def unet_call_fingerprint(model_patcher, transformer_options: dict) -> tuple | None:
+    """Everything besides its tensor inputs that decides what one UNet call of this model returns.
+
+    The model object, its weight-patch generation (``patches_uuid``: renewed whenever weight patches
+    such as a LoRA or its strength change), its object patches (e.g. a replaced ``model_sampling``),
+    the manual-cast dtype, and every callable in the patches, replaces, wrappers and callbacks of
+    ``transformer_options``. ``None`` when the call also depends on something this cannot see:
+    ComfyUI hooks (per-conditioning LoRA/weight hooks change weights during sampling).
+    """
+    if getattr(model_patcher, "hook_patches", None) or getattr(model_patcher, "forced_hooks", None):
+        return None
+    if getattr(model_patcher, "current_hooks", None):
+        return None
+    model = model_patcher.model
+    items: list = [model, str(getattr(model_patcher, "patches_uuid", None)),
+                   str(getattr(model, "manual_cast_dtype", None))]
+    patches = getattr(model_patcher, "object_patches", {}) or {}
+    for name in sorted(patches):
+        items += [name, patches[name]]
+    for tree in _CALLABLE_TREES:
+        for entry in _callables(transformer_options.get(tree, {}), (tree,)):
+            items += list(entry)
+    return tuple(items)
