@@ -6,7 +6,9 @@
 #   make run CKPT=model.safetensors REF=photo.png PROMPT="..." SUBJECT="..." [LORA=f[:w] STEPS= SEED=
 #                 BATCH= SIZE= OUT=]  the full method and its baseline headless, with the inspectors
 #                 (without CKPT: a random-weight smoke checkpoint; the images are noise)
-#   make bench    AMA / guidance cost vs plain ComfyUI sampling (ratios)
+#   make bench    AMA / bank / batch / guidance cost vs plain ComfyUI sampling (ratios; writes
+#                 benchmarks/out/bench.json)
+#   make profile  where an AMA sampling spends its time (cProfile, per stage)
 #   make bench-core  matching kernels vs a naive implementation
 #   make gpu-check   GPU parity, timing and peak VRAM (on a CUDA machine; writes $OUT or ./gpu-out)
 # COMFYUI_PATH=/path/to/ComfyUI make test|serve  uses another ComfyUI checkout.
@@ -15,7 +17,7 @@ PY := .venv/bin/python
 PORT ?= 8188
 SERVE_BASE ?= $(CURDIR)/.host/serve
 
-.PHONY: setup test test-compat lint serve run bench bench-core gpu-check clean
+.PHONY: setup test test-compat lint serve run bench bench-core profile gpu-check clean
 
 setup:
 	@bash scripts/setup_host.sh
@@ -46,6 +48,9 @@ bench: setup
 
 bench-core: setup
 	$(PY) benchmarks/bench_core.py
+
+profile: setup
+	$(PY) benchmarks/profile_ama.py $(PROFILE_ARGS)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

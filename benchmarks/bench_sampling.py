@@ -5,7 +5,11 @@ method is reported as a ratio to plain ComfyUI sampling (``comfy.sample.sample``
 in the same run:
 
 * ``vanilla``      stock sampling, the baseline;
-* ``ama``          the model patched by ``DM_AMAPatch`` (reference pass + matching + AMA);
+* ``ama``          the model patched by ``DM_AMAPatch`` (reference pass + matching + AMA), no bank;
+* ``ama-bank``     the same with the reference bank, after one untimed sampling that fills it (what
+                   every later generation with that reference costs);
+* ``vanilla-batch4`` / ``ama-batch4``  a batch of four targets sharing one reference (no bank);
+                   ``ama-batch4``'s ratio is to ``vanilla-batch4``, i.e. per image;
 * ``mg-fast``      ``DM_MatchingGuidanceSampler`` in fast mode on the AMA-patched model;
 * ``mg-exact``     the same in exact mode (a UNet backward per guided step);
 * ``invert``       one-off ``DM_InvertReference`` (inversion + reconstruction check).
@@ -68,7 +72,11 @@ LAYOUTS: dict[str, dict] = {
 }
 #: SDXL's pooled CLIP-G embedding, part of its ADM conditioning.
 SDXL_POOLED_DIM = 1280
-METHODS = ("vanilla", "invert", "ama", "mg-fast", "mg-exact")
+METHODS = ("vanilla", "invert", "ama", "ama-bank", "vanilla-batch4", "ama-batch4", "mg-fast", "mg-exact")
+#: The method each ratio is taken against (default: ``vanilla``).
+BASELINES = {"ama-batch4": "vanilla-batch4"}
+#: Bank budget of ``ama-bank`` (MiB): enough for every step of the benchmark's sizes.
+BANK_MIB = 8192
 
 
 def boot(tmp: Path, extras: bool = True):
@@ -272,8 +280,8 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
         holder["ref"] = invert.execute(model, ref_latent, ref_pos, steps=steps, scheduler="ddim_uniform",
                                        cfg=1.0)[0]
 
-    def plain_sample(m):
-        x = tgt_latent["samples"]
+    def plain_sample(m, x=None):
+        x = tgt_latent["samples"] if x is None else x
         noise = comfy.sample.prepare_noise(x, 0)
         out_holder["out"] = comfy.sample.sample(m, noise, steps, 7.5, "ddim", "ddim_uniform", pos, neg, x,
                                                 seed=0, disable_pbar=True)
@@ -284,6 +292,7 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
     log(f"DreamMatcher sampling benchmark: {_layout_name(layout, width)}, {size}x{size} px, "
         f"batch {batch}, {steps} DDIM steps, cfg 7.5, device {model.load_device}, "
         f"torch threads {torch.get_num_threads()}")
+    batch4 = torch.zeros(4 * batch, 4, lat, lat)
     if warmup_all:
         timed("vanilla", do_vanilla, warmup=True)  # the warm-up also loads the model
     else:  # make bench's historical warm-up: a full timed round, printed, then discarded
@@ -292,9 +301,10 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
         timed("vanilla", do_vanilla, warmup=False)
     timed("invert", do_invert, warmup=warmup_all)
     ref = holder.get("ref")
-    patched = None
+    patched = banked = None
     if ref is not None:
         patched = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match)
+        banked = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match, bank_mib=BANK_MIB)
     guidance = dm("nodes.node_guidance").MatchingGuidanceSampler
 
     def do_ama():
@@ -305,15 +315,28 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
                                0.08, 1.0, mode, match=match)
         out_holder["out"] = out[0]["samples"]
 
-    samplers = (("ama", do_ama), ("mg-fast", lambda: do_mg("fast")), ("mg-exact", lambda: do_mg("exact")))
-    for name, fn in samplers:
+    samplers = (("ama", do_ama, False), ("ama-bank", lambda: plain_sample(banked), True),
+                ("vanilla-batch4", lambda: plain_sample(model, batch4), warmup_all),
+                ("ama-batch4", lambda: plain_sample(patched, batch4), warmup_all),
+                ("mg-fast", lambda: do_mg("fast"), False), ("mg-exact", lambda: do_mg("exact"), False))
+    for name, fn, warm in samplers:
         if name not in methods:
             continue
-        if patched is None:
+        if patched is None and name != "vanilla-batch4":
             results[name] = {"skipped": "no reference (invert skipped)"}
             log(f"  {name:10s} skipped (no reference)")
             continue
-        timed(name, fn, warmup=warmup_all)
+        timed(name, fn, warmup=warm or warmup_all)  # ama-bank: the warm-up run fills the bank
+        if name == "ama-bank" and "median_s" in results.get(name, {}):
+            st = dm("nodes.ama").patch_of(banked).last_stats
+            bank = dm("nodes.ama").patch_of(banked).bank
+            results[name].update(bank_hits=st.get("bank_hits"), ref_passes=st.get("ref_passes"),
+                                 bank_mib=round(bank.nbytes / 2**20, 1))
+            log(f"  {'':10s} bank: {st.get('bank_hits')} replayed passes, {st.get('ref_passes')} live, "
+                f"{bank.nbytes / 2**20:.1f} MiB held")
+    for name, base_name in BASELINES.items():
+        if name in results:
+            results[name]["baseline"] = base_name
 
     context = {"model": model, "patched": patched, "reference": ref, "positive": pos, "negative": neg,
                "target_latent": tgt_latent, "match": match, "steps": steps, "size": size, "layout": layout}
@@ -335,6 +358,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layout", choices=sorted(LAYOUTS), default="narrow",
                     help="UNet layout: narrow SD1.5 (default), full sd15 or full sdxl")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "bench.json"),
+                    help="where the JSON rows go")
     ap.add_argument("--warmup-all", action="store_true", help="run every method once untimed first")
     a = ap.parse_args()
 
@@ -344,15 +369,45 @@ def main() -> None:
     out = measure(boot(tmp), a.width, a.size, a.steps, a.repeats, a.batch, layout=a.layout,
                   warmup_all=a.warmup_all, log=lambda s: print(s, flush=True))
     results = {k: v for k, v in out["results"].items() if "median_s" in v}
-    base_t, base_m = results["vanilla"]["median_s"], results["vanilla"]["peak_extra_bytes"]
+    rows = table_rows(results)
     print()
-    print("| method | time (s) | × vanilla | peak extra memory (MiB) |")
+    print("| method | time (s) | × plain sampling | peak extra memory (MiB) |")
     print("|---|---|---|---|")
+    for row in rows:
+        per = " per image" if row["baseline"] != "vanilla" else ""
+        print(f"| {row['method']} | {row['median_s']:.2f} | {row['ratio']:.2f}{per} | "
+              f"{row['peak_extra_mib']:.0f} |")
+    print(f"\n(ratios are wall time / plain sampling's wall time in the same run, median of {a.repeats} "
+          "runs; ama-batch4 is against vanilla-batch4, i.e. per image)")
+    import json
+    import platform
+
+    import torch
+
+    dest = Path(a.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "device": str(out["context"]["model"].load_device)}
+    setup = {"layout": _layout_name(a.layout, a.width), "size": a.size, "steps": a.steps, "batch": a.batch,
+             "repeats": a.repeats, "bank_mib": BANK_MIB}
+    dest.write_text(json.dumps({"machine": machine, "setup": setup, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {dest}")
+
+
+def table_rows(results: dict) -> list[dict]:
+    """One row per measured method: ratio to its baseline (``BASELINES``, else vanilla) and memory."""
+    rows = []
     for name, r in results.items():
-        t, m = r["median_s"], r["peak_extra_bytes"]
-        print(f"| {name} | {t:.2f} | {t / base_t:.2f} | {m / 2**20:.0f} |")
-    print(f"\n(vanilla peak extra memory {base_m / 2**20:.0f} MiB; ratios are wall time / vanilla wall time, "
-          f"median of {a.repeats} runs)")
+        base = results.get(BASELINES.get(name, "vanilla"))
+        if base is None:
+            continue
+        row = {"method": name, "baseline": BASELINES.get(name, "vanilla"),
+               "median_s": round(r["median_s"], 3), "times_s": [round(t, 3) for t in r["times_s"]],
+               "ratio": round(r["median_s"] / base["median_s"], 3),
+               "peak_extra_mib": round(r["peak_extra_bytes"] / 2**20, 1)}
+        row.update({k: r[k] for k in ("bank_hits", "ref_passes", "bank_mib") if k in r})
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

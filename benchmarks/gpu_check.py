@@ -501,7 +501,8 @@ def section_bench(rec: dict, bs, pack: str, dm, *, layout: str, width: int, size
         row = {k: v for k, v in r.items() if k not in ("out", "traceback")}
         if "median_s" in r:
             row["ms_per_step"] = round(1000 * r["median_s"] / steps, 2)
-            row["time_ratio"] = round(r["median_s"] / base_t, 3) if base_t else None
+            own = res.get(r.get("baseline", "vanilla"), {}).get("median_s", base_t)  # ama-batch4: per image
+            row["time_ratio"] = round(r["median_s"] / own, 3) if own else None
             row["peak_extra_mib"] = round(r["peak_extra_bytes"] / 2**20, 1)
             row["mem_ratio"] = round(r["peak_extra_bytes"] / base_m, 3) if base_m else None
             if r.get("out") is not None:
