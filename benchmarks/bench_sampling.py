@@ -360,14 +360,20 @@ def main() -> None:
                     help="UNet layout: narrow SD1.5 (default), full sd15 or full sdxl")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "bench.json"),
                     help="where the JSON rows go")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated subset of {','.join(METHODS)} (vanilla always runs)")
     ap.add_argument("--warmup-all", action="store_true", help="run every method once untimed first")
     a = ap.parse_args()
 
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="dm-bench-"))
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     out = measure(boot(tmp), a.width, a.size, a.steps, a.repeats, a.batch, layout=a.layout,
-                  warmup_all=a.warmup_all, log=lambda s: print(s, flush=True))
+                  warmup_all=a.warmup_all, methods=methods, log=lambda s: print(s, flush=True))
     results = {k: v for k, v in out["results"].items() if "median_s" in v}
     rows = table_rows(results)
     print()

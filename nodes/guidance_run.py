@@ -48,6 +48,10 @@ class GuidanceRun:
         self.batch = x.shape[0]
         self.inner_calc = None
         self.source = "own"
+        #: Where the reference features of the sampler's own matching came from: "ama" (the AMA
+        #: run's reference pass of this step) or "pass" (a reference pass of its own).
+        self.ref_source = "pass"
+        self.own_ref_passes = 0
 
     def active(self, sigma: float) -> bool:
         hi, lo = self.window
@@ -94,9 +98,19 @@ class GuidanceRun:
         shared = _ama_correspondence(model_options, sigma, branch, hw, self.batch)
         self.source = "ama" if shared is not None else "own"
         if shared is not None:
+            self.ref_source = "none"
             return shared
         if ref_feats is None:
-            ref_feats = self.reference_features(sigma, [branch], model_options)
+            # With the AMA patch (which did not match at the latent grid, e.g. SDXL), its reference
+            # pass of this step already holds the reference features: no second reference pass.
+            shared_feats = ama_api.reference_features(model_options, sigma, branch, tuple(self.layers))
+            if shared_feats is not None:
+                ref_feats = {branch: shared_feats}
+                self.ref_source = "ama"
+            else:
+                ref_feats = self.reference_features(sigma, [branch], model_options)
+                self.ref_source = "pass"
+                self.own_ref_passes += 1
         tf, rf = tgt_feats[branch], ref_feats[branch]
         n_ref = next(iter(rf.values())).shape[0]
         b = next(iter(tf.values())).shape[0]
@@ -177,7 +191,8 @@ class GuidanceRun:
 
     def _observe(self, branch: int, **info) -> None:
         if self.spec.probe is not None:
-            self.spec.probe({"mode": self.spec.mode, "branch": branch, "source": self.source, **info})
+            self.spec.probe({"mode": self.spec.mode, "branch": branch, "source": self.source,
+                             "ref_source": self.ref_source, "own_ref_passes": self.own_ref_passes, **info})
 
     def _exact(self, conds, x_det, sigma, forward, mo, run_mo, tap, ref_feats, hw):
         """Per branch: grad forward on the target rows only, numerator loss, backward, free the graph.

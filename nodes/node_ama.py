@@ -19,10 +19,10 @@ from .host import require_node_api
 from .layout import PRESETS
 from .sockets import CATEGORY, DMFeatures, DMMatch, DMReference
 
-#: Default reference-bank budget. Banking never changes a result, only memory and speed; 1 GiB
-#: holds every step of SD1.5 at 512² with its default layers (about 20 MiB a step for cond and
-#: uncond together) and the first steps of SDXL at 1024² (about 220 MiB a step).
-BANK_DEFAULT_MIB = 1024
+#: Default reference-bank budget (system RAM). Banking never changes a result, only memory and
+#: speed. With the default layers in fp16, SD1.5 at 512² takes about 40 MiB a step (cond and
+#: uncond together), so 2 GiB hold a 50-step run; SDXL at 1024² takes about 280 MiB a step.
+BANK_DEFAULT_MIB = 2048
 
 io = require_node_api().io
 

@@ -93,7 +93,7 @@ def _matching() -> dict:
                    target_prompt=TARGET_PROMPT),
         "10": _node("DM_AMAPatch", model=["1", 0], reference=["7", 0], strength=1.0, start_percent=0.08,
                     end_percent=1.0, layer_preset="paper (decoder 32²+64²)", custom_layers="",
-                    match=["9", 0], reference_bank_mib=1024),
+                    match=["9", 0], reference_bank_mib=2048),
     }
 
 

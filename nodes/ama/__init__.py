@@ -9,13 +9,14 @@ function receives in ``extra_args["model_options"]``.
 
 from __future__ import annotations
 
+from ...dreammatcher_core.trajectory import same_sigma
 from .correspond import Correspondence
 from .keys import CALL_KEY, PATCH_KEY, RUN_KEY
 from .patch import AMAPatch, patch_model
 from .run import RunState
 
 __all__ = ["AMAPatch", "Correspondence", "PATCH_KEY", "current_correspondence", "get_run",
-           "last_diagnostics", "patch_model", "patch_of", "without_run"]
+           "last_diagnostics", "patch_model", "patch_of", "reference_features", "without_run"]
 
 
 def get_run(model_options: dict) -> RunState | None:
@@ -63,6 +64,26 @@ def current_correspondence(model_options: dict, *, chunk_type: int = 0, row: int
                                                   best.flow_t2r.shape[-1] * best.flow_t2r.shape[-2]):
             best = m
     return best
+
+
+def reference_features(model_options: dict, sigma: float, chunk_type: int,
+                       layers: tuple[int, ...]) -> dict | None:
+    """The reference's decoder features the AMA run recorded for ``sigma`` and ``chunk_type``, or None.
+
+    ``{layer: [1, C, H, W]}`` from the run's own reference pass (or its bank) at this step, for
+    every layer in ``layers``; None when the run has not recorded them (outside its capture steps,
+    other layers). Lets the guidance sampler skip a reference pass of its own.
+    """
+    run = get_run(model_options)
+    if run is None:
+        return None
+    for step, s in enumerate(run.sigmas[:-1]):
+        if same_sigma(s, sigma):
+            feats = run.corr.ref_feats.get(step, {}).get(chunk_type, {})
+            if all(k in feats for k in layers):
+                return {k: feats[k] for k in layers}
+            return None
+    return None
 
 
 def patch_of(model) -> AMAPatch | None:

@@ -68,8 +68,10 @@ class BankEntry:
     nbytes: int
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True).contiguous()
+def _cpu(t: torch.Tensor, pin: bool = False) -> torch.Tensor:
+    """A CPU copy; pinned when it will be copied back to a GPU (so the copy need not block)."""
+    out = t.detach().to("cpu", copy=True).contiguous()
+    return out.pin_memory() if pin else out
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -143,10 +145,11 @@ class ReferenceBank:
                 self.nbytes -= old.nbytes
         if self.nbytes + sum(sizes) > self.budget:
             return False
+        pin = torch.device(device).type == "cuda"
         for (ty, ctx, kw, v, feats), size in zip(passes, sizes, strict=True):
             self.entries[(sigma, ty)] = BankEntry(
-                v={k: (_cpu(t), hw) for k, (t, hw) in v.items()},
-                feats={k: _cpu(t) for k, t in feats.items()},
+                v={k: (_cpu(t, pin), hw) for k, (t, hw) in v.items()},
+                feats={k: _cpu(t, pin) for k, t in feats.items()},
                 ctx=_cpu(ctx), kw={k: _cpu(t) for k, t in kw.items()}, dtype=dtype, device=str(device),
                 nbytes=size)
             self.nbytes += size

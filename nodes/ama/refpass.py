@@ -61,11 +61,11 @@ def reference_pass(run, executor, step: int, types: list[int], x, t, c_crossattn
         for ty, entry in zip(types, entries, strict=True):
             rec = RefRecord()
             if need_v:
-                rec.v = {k: (v.to(x.device), hw) for k, (v, hw) in entry.v.items()}
+                rec.v = {k: (v.to(x.device, non_blocking=True), hw) for k, (v, hw) in entry.v.items()}
             run.ref_v.setdefault(step, {})[ty] = rec
             feats = run.corr.ref_feats.setdefault(step, {}).setdefault(ty, {})
             for layer in layers:
-                feats.setdefault(layer, entry.feats[layer].to(x.device))
+                feats.setdefault(layer, entry.feats[layer].to(x.device, non_blocking=True))
             run.stats["bank_hits"] += 1
         return
     live = [(ty, row, ctx, kw) for ty, (row, ctx, kw) in zip(types, inputs, strict=True)]

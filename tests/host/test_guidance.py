@@ -449,3 +449,32 @@ def test_batch_of_targets_with_the_ama_patch(dm, setup, mode):
          latent=lat)
     assert seen[0]["source"] == "own" and alone[0]["source"] == "own"
     assert torch.equal(seen[0]["flow"], alone[0]["flow"]), "the first-step match saw the wrong features"
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_sdxl_guidance_reuses_the_ama_reference_pass(dm, tiny, mode):
+    """On SDXL the AMA layers do not reach the latent grid, so the sampler matches on its own; with
+    the AMA patch it takes the reference features from the patch's reference pass of the same step
+    instead of running a reference pass of its own."""
+    ama = dm("nodes.ama")
+    model = tiny.build("sdxl", seed=1)
+    ref = _reference(dm, tiny, model)
+    kw = {"positive": tiny.cond(31), "negative": tiny.cond(22),
+          "latent": {"samples": torch.zeros(1, 4, HW, HW)}}
+    patched = ama.patch_model(model, ref, strength=1.0, start_percent=0.0, end_percent=1.0)
+    seen = []
+    out = _run(dm, patched, ref, mode=mode, probe=seen.append, **kw)
+    assert torch.isfinite(out).all() and seen
+    print(f"\nSDXL {mode}: sources {sorted({p['source'] for p in seen})}, reference features from "
+          f"{sorted({p['ref_source'] for p in seen})}, own reference passes {seen[-1]['own_ref_passes']}")
+    assert {p["source"] for p in seen} == {"own"}, "AMA has no latent-grid match on SDXL"
+    assert {p["ref_source"] for p in seen} == {"ama"} and seen[-1]["own_ref_passes"] == 0
+    st = ama.patch_of(patched).last_stats
+    # the patch's own reference rows, one per step and chunk type (exact mode evaluates the two
+    # branches in separate calls, so two passes of one row), and nothing else
+    assert st["ref_rows"] == 2 * STEPS, st
+    # without the patch the sampler still makes its own reference pass per guided branch
+    alone = []
+    _run(dm, model, ref, mode=mode, probe=alone.append, **kw)
+    assert {p["ref_source"] for p in alone} == {"pass"}
+    assert not torch.equal(out, _run(dm, patched, ref, mode=mode, scale=0.0, **kw)), "no guidance applied"
