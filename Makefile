@@ -3,8 +3,8 @@
 #   make test-compat  set up a second environment for the newest host in ../shared/hosts/ (or
 #                 COMFYUI_TARBALL / COMFYUI_PATH) and run the host, e2e and browser tiers on it
 #   make serve    start the embedded ComfyUI with this pack on http://127.0.0.1:8188
-#   make run CKPT=model.safetensors REF=photo.png PROMPT="..." SUBJECT="..." [LORA=f[:w] STEPS= SEED=
-#                 BATCH= SIZE= OUT=]  the full method and its baseline headless, with the inspectors
+#   make run CKPT=model.safetensors REF=photo.png PROMPT="..." SUBJECT="..." [LORA=f[:w] EMBEDDINGS=
+#                 STEPS= SEED= BATCH= SIZE= REF_PROMPT= OUT=]  the full method and its baseline headless, with the inspectors
 #                 (without CKPT: a random-weight smoke checkpoint; the images are noise)
 #   make bench    AMA / bank / batch / guidance cost vs plain ComfyUI sampling (ratios; writes
 #                 benchmarks/out/bench.json)
@@ -40,7 +40,8 @@ serve: setup
 
 run: setup
 	@$(PY) scripts/run_example.py --ckpt "$(CKPT)" --ref "$(REF)" --prompt "$(PROMPT)" --subject "$(SUBJECT)" \
-	  --ref-prompt "$(REF_PROMPT)" --lora "$(LORA)" --steps "$(STEPS)" --seed "$(SEED)" --batch "$(BATCH)" \
+	  --ref-prompt "$(REF_PROMPT)" --lora "$(LORA)" --embeddings "$(EMBEDDINGS)" --steps "$(STEPS)" \
+	  --seed "$(SEED)" --batch "$(BATCH)" \
 	  --size "$(SIZE)" --out "$(OUT)"
 
 bench: setup

@@ -1,7 +1,8 @@
 """``make run``: DreamMatcher's full method on your checkpoint and reference, headless.
 
     make run CKPT=/path/model.safetensors REF=/path/photo.png PROMPT="a photo of sks dog on a beach" \\
-             SUBJECT="sks dog" [LORA=/path/lora.safetensors[:0.8]] [STEPS=50] [SEED=42] [BATCH=1]
+             SUBJECT="sks dog" [LORA=/path/lora.safetensors[:0.8]] [EMBEDDINGS=/path/dir_or_file]
+             [STEPS=50] [SEED=42] [BATCH=1]
 
 Starts the embedded ComfyUI (or ``$COMFYUI_PATH``) with this pack on a free loopback port, in a
 fresh base directory whose model folders link to your files, queues one graph (the reference's
@@ -65,10 +66,22 @@ def _file(text: str, name: str, suffixes: set[str]) -> Path:
     return path.resolve()
 
 
+def _embeddings(text: str) -> list[Path]:
+    """TI embedding files: one file, or every model file of a folder (used as ``embedding:<name>``)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = sorted(f.resolve() for f in path.iterdir()
+                       if f.is_file() and f.suffix.lower() in MODEL_SUFFIXES)
+        if not files:
+            raise UsageError(f"EMBEDDINGS={text!r}: the folder holds no {sorted(MODEL_SUFFIXES)} file.")
+        return files
+    return [_file(text, "EMBEDDINGS", MODEL_SUFFIXES)]
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag in ("ckpt", "ref", "prompt", "subject", "ref-prompt", "lora", "steps", "seed", "batch", "size",
-                 "out"):
+    for flag in ("ckpt", "ref", "prompt", "subject", "ref-prompt", "lora", "embeddings", "steps", "seed",
+                 "batch", "size", "out"):
         ap.add_argument(f"--{flag}", default="")
     a = ap.parse_args(argv)
     a.smoke = not a.ckpt
@@ -82,6 +95,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             path, strength = head, tail
         a.lora_strength = float(strength) if strength else 1.0
         a.lora = _file(path, "LORA", MODEL_SUFFIXES)
+    a.embeddings = _embeddings(a.embeddings) if a.embeddings else []
     a.prompt = a.prompt.strip() or eg.TARGET_PROMPT
     a.subject = a.subject.strip() or eg.SUBJECT
     if a.subject.lower() not in a.prompt.lower():
@@ -189,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ckpt = _link(a.ckpt, models / "checkpoints")
         lora = _link(a.lora, models / "loras") if a.lora else None
+        embeddings = [_link(f, models / "embeddings") for f in a.embeddings]
         ref = a.ref or root / "input" / eg.REF_IMAGE
         shutil.copy(ref, server.base / "input" / eg.REF_IMAGE)
         graph = eg.run_graph(ckpt=ckpt, steps=a.steps, size=a.size, prompt=a.prompt, subject=a.subject,
@@ -196,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                              lora_strength=a.lora_strength)
         print(f"[run] ComfyUI {root} ({'GPU' if not server.cpu else 'CPU'}); checkpoint {ckpt}"
               + (f", LoRA {lora} @ {a.lora_strength}" if lora else "")
+              + (f", embeddings {', '.join(embeddings)}" if embeddings else "")
               + f"; {a.steps} steps at {a.size}², seed {a.seed}, batch {a.batch}")
         print(f"[run] reference {ref}; prompt {a.prompt!r}; subject {a.subject!r}")
         t0 = time.perf_counter()

@@ -68,6 +68,20 @@ def test_make_run_with_checkpoint_lora_and_reference(e2e_models, comfy_server, t
     assert "AMA run #1" in report and "coverage" in report
 
 
+def test_make_run_with_a_textual_inversion_subject(e2e_models, comfy_server, tmp_path):
+    """A TI subject: EMBEDDINGS links the embedding, and the subject is resolved through it."""
+    ckpt = comfy_server.models_dir / "checkpoints" / e2e_models.checkpoint
+    emb = comfy_server.models_dir / "embeddings" / f"{e2e_models.embedding}.safetensors"
+    out = tmp_path / "ti"
+    subject = f"embedding:{e2e_models.embedding}"
+    proc = _run(["--ckpt", str(ckpt), "--embeddings", str(emb.parent), "--prompt",
+                 f"a photo of {subject} dog", "--subject", subject, "--steps", "2", "--size", "64",
+                 "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    assert f"embeddings {emb.name}" in proc.stdout
+    assert (out / "dreammatcher_1.png").is_file() and "AMA run #1" in (out / "report.txt").read_text()
+
+
 def test_make_run_without_checkpoint_says_what_the_images_are(e2e_models, tmp_path):
     out = tmp_path / "smoke"
     proc = _run(["--steps", "2", "--size", "64", "--out", str(out)])
@@ -82,6 +96,7 @@ def test_make_run_without_checkpoint_says_what_the_images_are(e2e_models, tmp_pa
     (["--prompt", "a photo of a cat", "--subject", "sks dog"], "must appear in PROMPT"),
     (["--steps", "many"], "not a whole number"),
     (["--size", "100"], "multiple of 64"),
+    (["--embeddings", "/nonexistent/emb.safetensors"], "no such file"),
 ])
 def test_make_run_rejects_bad_input_before_starting(args, message):
     t0 = time.perf_counter()
