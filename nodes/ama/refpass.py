@@ -5,7 +5,8 @@ cond, 1 = uncond), the reference's V at every AMA layer and its decoder features
 one UNet call with one row per missing chunk type: the reference latent ``trajectory.at(sigma)``,
 the reference's positive (cond) or negative (uncond) conditioning, and the target rows' other
 per-row arguments (e.g. SDXL's ``y``; the reference has no size/pooled conditioning of its own).
-Chunk types whose exact inputs are in the reference bank (:mod:`.bank`) are replayed instead.
+A call whose every chunk type has its exact inputs in the reference bank (:mod:`.bank`) is replayed
+instead, whole.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class RefRecord:
     feats: dict = field(default_factory=dict)  # output-block id -> [1, C, H, W]
 
 
+def _per_row(v, total: int) -> bool:
+    """Whether a UNet keyword argument holds one row per batch row (and so is sliced with them)."""
+    return torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == total
+
+
 def _rows_inputs(run, types: list[int], x, c_crossattn, kwargs: dict, cou: list[int]):
     """Per chunk type: (row index in the target batch, conditioning row [1, T, C], per-row kwargs)."""
     ref = run.patch.reference
@@ -42,8 +48,7 @@ def _rows_inputs(run, types: list[int], x, c_crossattn, kwargs: dict, cou: list[
             ctx = c_crossattn[row:row + 1].detach().cpu()
         else:
             raise ValueError("DreamMatcher AMA: the reference has no conditioning for this chunk type.")
-        kw = {k: v[row:row + 1] for k, v in kwargs.items()
-              if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == total}
+        kw = {k: v[row:row + 1] for k, v in kwargs.items() if _per_row(v, total)}
         out.append((row, ctx, kw))
     return out
 
@@ -68,19 +73,16 @@ def reference_pass(run, executor, step: int, types: list[int], x, t, c_crossattn
                 feats.setdefault(layer, entry.feats[layer].to(x.device, non_blocking=True))
             run.stats["bank_hits"] += 1
         return
-    live = [(ty, row, ctx, kw) for ty, (row, ctx, kw) in zip(types, inputs, strict=True)]
-    types = [ty for ty, *_ in live]
-    rows_of = [row for _, row, *_ in live]
+    rows_of = [row for row, _, _ in inputs]
     n = len(types)
-    ctxs = [ctx for *_, ctx, _ in live]
+    ctxs = [ctx for _, ctx, _ in inputs]
     length = math.lcm(*[c.shape[1] for c in ctxs])
     ctx = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in ctxs]).to(
         device=x.device, dtype=c_crossattn.dtype if c_crossattn is not None else x.dtype)
     x_ref = run.patch.reference.trajectory.at(sigma)[:1].to(device=x.device, dtype=x.dtype)
     t_ref = t[:1].expand(n).clone()
     total = x.shape[0]
-    kw = {k: (v[rows_of] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == total else v)
-          for k, v in kwargs.items()}
+    kw = {k: (v[rows_of] if _per_row(v, total) else v) for k, v in kwargs.items()}
     ropts = hooks.options_for_rows(transformer_options, list(types), cou, t_ref)
     call = run.make_call("record", step, list(types), n)
     call.store_v = need_v
@@ -94,7 +96,7 @@ def reference_pass(run, executor, step: int, types: list[int], x, t, c_crossattn
     if run.bank is None:
         return
     passes = []
-    for ty, _row, ctx_row, kw_rows in live:
+    for ty, (_row, ctx_row, kw_rows) in zip(types, inputs, strict=True):
         feats = run.corr.ref_feats.get(step, {}).get(ty, {})
         rec = run.ref_v[step][ty]
         if any(layer not in feats for layer in layers) or (need_v and not rec.v):
