@@ -1,0 +1,89 @@
+"""The miniature world's renderer, latent map, prompts and pair attention (pure torch, no host)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+
+from miniworld import world  # noqa: E402
+from miniworld.training import joint_attention, sample_batch  # noqa: E402
+
+
+def test_latent_map_is_standardised_and_inverts_exactly():
+    gen = torch.Generator().manual_seed(5)
+    rgb = torch.stack([world.render(world.random_scene(gen)) for _ in range(512)])
+    lat = world.rgb_to_latent(rgb)
+    assert lat.shape == (512, 4, world.SIZE, world.SIZE)
+    assert lat.mean((0, 2, 3)).abs().max() < 0.05
+    assert (lat.std((0, 2, 3)) - 1).abs().max() < 0.05
+    assert torch.allclose(world.latent_to_rgb(lat), rgb, atol=1e-5)
+
+
+def test_render_is_deterministic_and_draws_the_subject_where_asked():
+    subject = world.Subject("square", "checker", ("red", "blue"))
+    a = world.render(world.random_scene(torch.Generator().manual_seed(3), subject, "right"))
+    b = world.render(world.random_scene(torch.Generator().manual_seed(3), subject, "right"))
+    assert torch.equal(a, b)
+    fg = (a - world.BACKGROUND).abs().sum(0) > 0.3
+    ys, xs = torch.nonzero(fg, as_tuple=True)
+    assert xs.float().mean() > 18 and abs(ys.float().mean() - 16) < 3
+
+
+@pytest.mark.parametrize("words, needle", [(["pink", "circle"], "pink"), (["circle"] * 9, "at most 8")])
+def test_bad_prompts_get_a_clear_error(words, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        world.tokenize_words(words)
+    if needle == "pink":
+        assert "stripes" in str(err.value) and "triangle" in str(err.value)
+
+
+def test_subject_validation():
+    with pytest.raises(ValueError, match="takes 2 colour"):
+        world.Subject("circle", "dots", ("red",))
+    with pytest.raises(ValueError, match="must differ"):
+        world.Subject("circle", "dots", ("red", "red"))
+
+
+def test_pair_attention_with_self_as_partner_is_plain_self_attention():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 20, 16) for _ in range(3))
+    plain = (
+        torch.nn.functional.scaled_dot_product_attention(
+            q.view(3, 20, 2, 8).transpose(1, 2),
+            k.view(3, 20, 2, 8).transpose(1, 2),
+            v.view(3, 20, 2, 8).transpose(1, 2),
+        )
+        .transpose(1, 2)
+        .reshape(3, 20, 16)
+    )
+    out = joint_attention(q, k, v, 2, torch.tensor([1, 0, -1]))
+    assert torch.allclose(out[2], plain[2], atol=1e-6)
+    assert not torch.allclose(out[0], plain[0], atol=1e-3)  # a real partner changes the result
+    # and the partner's tokens are what it adds: attending over [own; partner] by hand
+    k0, v0 = torch.cat([k[0], k[1]]), torch.cat([v[0], v[1]])
+    manual = (
+        torch.nn.functional.scaled_dot_product_attention(
+            q[0].view(20, 2, 8).transpose(0, 1),
+            k0.view(40, 2, 8).transpose(0, 1),
+            v0.view(40, 2, 8).transpose(0, 1),
+        )
+        .transpose(0, 1)
+        .reshape(20, 16)
+    )
+    assert torch.allclose(out[0], manual, atol=1e-6)
+
+
+def test_training_batches_pair_one_subject_at_two_positions():
+    batch = sample_batch(torch.Generator().manual_seed(1), 12, 4)
+    assert batch.latents.shape == (12, 4, world.SIZE, world.SIZE)
+    for i in range(8):
+        j = int(batch.partner[i])
+        assert int(batch.partner[j]) == i
+        assert batch.scenes[i].subject == batch.scenes[j].subject
+        assert batch.scenes[i].position != batch.scenes[j].position
+    assert (batch.partner[8:] == -1).all()
