@@ -10,6 +10,9 @@
 #                 benchmarks/out/bench.json)
 #   make profile  where an AMA sampling spends its time (cProfile, per stage)
 #   make bench-core  matching kernels vs a naive implementation
+#   make demo     ComfyUI with the pack and the miniature world's demo nodes; opens the demo workflow
+#   make fidelity a miniature Table 5 on the miniature world's model (FIDELITY_ARGS="--cases FILE --out DIR")
+#   make train-miniworld  retrain the miniature world's model (about 75 min on 2 CPU cores; CUDA if present)
 #   make gpu-check   GPU parity, timing and peak VRAM (on a CUDA machine; writes $OUT or ./gpu-out)
 # COMFYUI_PATH=/path/to/ComfyUI make test|serve  uses another ComfyUI checkout.
 
@@ -17,7 +20,7 @@ PY := .venv/bin/python
 PORT ?= 8188
 SERVE_BASE ?= $(CURDIR)/.host/serve
 
-.PHONY: setup test test-compat lint serve run bench bench-core profile gpu-check clean
+.PHONY: setup test test-compat lint serve run bench bench-core profile gpu-check clean demo fidelity train-miniworld
 
 setup:
 	@bash scripts/setup_host.sh
@@ -52,6 +55,15 @@ bench-core: setup
 
 profile: setup
 	$(PY) benchmarks/profile_ama.py $(PROFILE_ARGS)
+
+demo: setup
+	@bash scripts/demo.sh $(PORT)
+
+fidelity: setup
+	$(PY) benchmarks/fidelity.py $(FIDELITY_ARGS)
+
+train-miniworld: setup
+	$(PY) scripts/train_miniworld.py $(TRAIN_ARGS)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

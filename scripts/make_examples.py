@@ -6,7 +6,8 @@ group per stage with a Note at its top, seeds fixed), and serialised back with
 ``app.graph.serialize()``, so the UI-format files carry exactly the widget layout the frontend
 expects. The API twin goes to ``example_workflows/api/``; a screenshot of the laid-out graph,
 fitted to the view, becomes ``example_workflows/<name>.jpg`` (the template browser's thumbnail).
-Run: ``.venv/bin/python scripts/make_examples.py``.
+Run: ``.venv/bin/python scripts/make_examples.py``; with ``--miniworld`` it writes the miniature world's
+demo workflow into ``scripts/miniworld/example_workflows/`` instead (the demo nodes are loaded for it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from comfy_env import comfy_root  # noqa: E402
 from example_graphs import EXAMPLES  # noqa: E402
-from server_fixture import ComfyServer  # noqa: E402
+from server_fixture import ComfyServer, link_miniworld  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -140,10 +141,20 @@ def _thumbnail(png: bytes, dest: Path) -> None:
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
-    out_dir = REPO / "example_workflows"
+    examples, out_dir = EXAMPLES, REPO / "example_workflows"
+    miniworld = "--miniworld" in sys.argv[1:]
+    if miniworld:
+        from example_graphs import Example
+        from miniworld import demo_graph
+
+        examples = {"miniworld_demo": Example(demo_graph.demo, demo_graph.layout(), "miniworld")}
+        out_dir = REPO / "scripts" / "miniworld" / "example_workflows"
     (out_dir / "api").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         server = ComfyServer(comfy_root(), Path(tmp))
+        if miniworld:
+            server.prepare()
+            link_miniworld(server.base)
         server.start()
         try:
             server.post_json("/settings", {"Comfy.TutorialCompleted": True})
@@ -154,7 +165,7 @@ def main() -> None:
                 ready = "window.app && window.app.graph && window.app.graph.nodes !== undefined"
                 page.wait_for_function(ready, timeout=120_000)
                 page.wait_for_timeout(3000)
-                for name, example in EXAMPLES.items():
+                for name, example in examples.items():
                     api = example.build()
                     (out_dir / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
                     page.evaluate("async ([api, name]) => { await window.app.loadApiJson(api, name); }",

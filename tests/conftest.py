@@ -31,3 +31,26 @@ def comfy_server(tmp_path_factory) -> ComfyServer:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def miniworld_server(tmp_path_factory) -> ComfyServer:
+    """A second ComfyUI with the pack *and* the miniature world's demo nodes (as ``make demo`` runs it).
+
+    Separate from ``comfy_server``, which stays a normal install that shows no demo nodes.
+    """
+    from server_fixture import link_miniworld
+
+    weights = Path(__file__).resolve().parents[1] / "scripts/miniworld/weights/miniworld.safetensors"
+    if not weights.is_file():
+        pytest.fail(f"the shipped miniworld model is missing: {weights}")
+    server = ComfyServer(comfy_root(), tmp_path_factory.mktemp("miniworld_server"))
+    try:
+        server.prepare()
+        link_miniworld(server.base)
+        server.start()
+        server.pack_ids = server.check_pack_loaded()
+        print(f"\n[server] miniworld demo server {server.url} up in {server.startup_s:.1f} s")
+        yield server
+    finally:
+        server.stop()

@@ -52,6 +52,18 @@ def pack_node_ids(repo: Path = REPO) -> set[str]:
     return ids
 
 
+MINIWORLD_FOLDER = "dreammatcher_miniworld"
+
+
+def link_miniworld(base: Path) -> Path:
+    """Link ``scripts/miniworld`` (the demo node set) as a second custom-node folder under ``base``."""
+    link = base / "custom_nodes" / MINIWORLD_FOLDER
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(REPO / "scripts" / "miniworld", target_is_directory=True)
+    return link
+
+
 def server_threads() -> str:
     """Torch/OpenMP threads for the server (and other heavy subprocesses of the tests).
 

@@ -8,6 +8,7 @@ tier cannot touch the network.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -42,14 +43,21 @@ def frontend(comfy_server, request):
     to open its page with more user settings; they are put back as they were afterwards (the
     server keeps settings for the whole session).
     """
+    with open_frontend(comfy_server, dict(getattr(request.module, "FRONTEND_SETTINGS", {}))) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def open_frontend(server, extra: dict | None = None, path: str = "/"):
+    """Chromium on ``server.url + path`` with the app ready (see :func:`frontend`)."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"no Chromium at {CHROMIUM}: run `make test` (it installs Debian's chromium) "
                     "or `apt-get install -y chromium`, or set DM_CHROMIUM")
     from playwright.sync_api import sync_playwright
 
-    extra = dict(getattr(request.module, "FRONTEND_SETTINGS", {}))
-    before = comfy_server.get_json("/settings")
-    comfy_server.post_json("/settings", {**BASE_SETTINGS, **extra})
+    extra = dict(extra or {})
+    before = server.get_json("/settings")
+    server.post_json("/settings", {**BASE_SETTINGS, **extra})
     errors: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
@@ -57,10 +65,10 @@ def frontend(comfy_server, request):
         try:
             context = browser.new_context(viewport={"width": 1600, "height": 1000})
             context.route("**/*", lambda route: route.continue_()
-                          if route.request.url.startswith(comfy_server.url) else route.abort())
+                          if route.request.url.startswith(server.url) else route.abort())
             page = context.new_page()
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=60_000)
+            page.goto(server.url + path, wait_until="domcontentloaded", timeout=60_000)
             page.wait_for_function(APP_READY_JS, timeout=120_000)
             # let the start-up workflow load finish, or it races the tests' own loads (on 1.45
             # its late missing-nodes bookkeeping overwrote that of a graph loaded meanwhile)
@@ -71,4 +79,4 @@ def frontend(comfy_server, request):
             browser.close()
             if extra:
                 # unset ones go back to the frontend's default (null: no stored value)
-                comfy_server.post_json("/settings", {k: before.get(k) for k in extra})
+                server.post_json("/settings", {k: before.get(k) for k in extra})
