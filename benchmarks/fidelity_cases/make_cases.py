@@ -1,0 +1,64 @@
+"""Write the development and held-out case files of ``make fidelity`` (seeded; run once, then frozen).
+
+Each case: a random subject rendered at a random position as the reference, and a target prompt
+naming its shape at another position (no appearance words), with three sampling seeds. The held-out
+subjects are drawn from another seed and exclude every development subject.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "scripts"))
+
+from miniworld import world  # noqa: E402
+
+
+def cases(seed: int, n: int, exclude: set) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        subject = world.random_subject(gen)
+        key = (subject.shape, subject.texture, subject.colours)
+        if key in seen:
+            continue
+        seen.add(key)
+        positions = list(world.POSITIONS)
+        ref_pos = positions[int(torch.randint(5, (1,), generator=gen))]
+        others = [p for p in positions if p != ref_pos]
+        tgt_pos = others[int(torch.randint(4, (1,), generator=gen))]
+        base = int(torch.randint(10_000, (1,), generator=gen))
+        out.append(
+            {
+                "reference": {
+                    "shape": subject.shape,
+                    "position": ref_pos,
+                    "texture": subject.texture,
+                    "colours": list(subject.colours),
+                },
+                "target": [subject.shape, tgt_pos],
+                "seeds": [base, base + 1, base + 2],
+                "render_seed": len(out),
+            }
+        )
+    return out
+
+
+def main() -> None:
+    dev = cases(100, 8, set())
+    held = cases(
+        200,
+        12,
+        {(c["reference"]["shape"], c["reference"]["texture"], tuple(c["reference"]["colours"])) for c in dev},
+    )
+    (HERE / "dev.json").write_text(json.dumps(dev, indent=1) + "\n")
+    (HERE / "heldout.json").write_text(json.dumps(held, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
