@@ -23,6 +23,8 @@ def test_demo_page_opens_and_runs_the_demo_workflow(miniworld_server):
             "DM_MatchingGuidanceSampler",
             "DM_AMADiagnostics",
         } <= set(types)
+        find_preview = "() => window.app.graph._nodes.find(n => n.type === 'PreviewImage').id"
+        preview_id = str(page.evaluate(find_preview))
         before = set(miniworld_server.get_json("/history"))
         t0 = time.perf_counter()
         page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
@@ -40,8 +42,8 @@ def test_demo_page_opens_and_runs_the_demo_workflow(miniworld_server):
         elapsed = time.perf_counter() - t0
         images = {nid: out.get("images", []) for nid, out in entry["outputs"].items()}
         saved = [img for imgs in images.values() for img in imgs if img.get("type") == "output"]
-        previews = [img for imgs in images.values() for img in imgs if img.get("type") == "temp"]
-        assert len(saved) == 3 and len(previews) == 4, images
+        # reference | baseline | AMA | AMA + guidance
+        assert len(saved) == 3 and len(images.get(preview_id, [])) == 4, images
         for img in saved:
             path = miniworld_server.output_dir / img.get("subfolder", "") / img["filename"]
             assert path.stat().st_size > 0

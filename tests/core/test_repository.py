@@ -31,7 +31,8 @@ def _exists(ref: str, source: Path) -> bool:
 def _is_output(ref: str, text: str) -> bool:
     """A file the code *writes* (``out / "report.md"``, or ``OUT/report.md`` in its docs), not a document."""
     name = ref.split("/")[-1]
-    return f'/ "{name}"' in text and (ref == name or re.fullmatch(r"[A-Z]+/" + re.escape(name), ref) is not None)
+    placeholder = re.fullmatch(r"[A-Z]+/" + re.escape(name), ref) is not None
+    return f'/ "{name}"' in text and (ref == name or placeholder)
 
 
 def test_referenced_documents_exist():
