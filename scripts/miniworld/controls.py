@@ -15,18 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .training import joint_attention
-
-
-def _attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = q.shape
-    d = c // heads
-
-    def split(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1, heads, d).transpose(1, 2)
-
-    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
-    return out.transpose(1, 2).reshape(b, n, c)
+from .training import attention, joint_attention
 
 
 def _with_attn1(c: dict, replace: dict) -> dict:
@@ -55,7 +44,7 @@ def kv_model(model, reference, layers: tuple[int, ...], sigma_hi: float, sigma_l
         def record(key):
             def fn(q, k, v, extra):
                 store[key] = (k, v)
-                return _attn(q, k, v, extra["n_heads"])
+                return attention(q, k, v, extra["n_heads"])
 
             return fn
 
@@ -65,7 +54,7 @@ def kv_model(model, reference, layers: tuple[int, ...], sigma_hi: float, sigma_l
         def use(key):
             def fn(q, k, v, extra):
                 rk, rv = store[key]
-                return _attn(
+                return attention(
                     q, rk.expand(q.shape[0], -1, -1), rv.expand(q.shape[0], -1, -1), extra["n_heads"]
                 )
 

@@ -67,6 +67,18 @@ def sample_batch(gen: torch.Generator, size: int, pairs: int) -> Batch:
     return Batch(world.rgb_to_latent(rgb), mw_model.pad_ids(ids), torch.tensor(partner), scenes)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head scaled dot-product attention on ``[B, N, C]`` queries and ``[B, M, C]`` keys/values."""
+    b, n, c = q.shape
+    d = c // heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, heads, d).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
 def joint_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, partner: torch.Tensor
 ) -> torch.Tensor:
@@ -76,16 +88,7 @@ def joint_attention(
     exactly plain self-attention.
     """
     idx = torch.where(partner >= 0, partner, torch.arange(len(partner), device=partner.device))
-    k2 = torch.cat([k, k[idx]], dim=1)
-    v2 = torch.cat([v, v[idx]], dim=1)
-    b, n, c = q.shape
-    d = c // heads
-
-    def split(x: torch.Tensor) -> torch.Tensor:
-        return x.view(b, -1, heads, d).transpose(1, 2)
-
-    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k2), split(v2))
-    return out.transpose(1, 2).reshape(b, n, c)
+    return attention(q, torch.cat([k, k[idx]], dim=1), torch.cat([v, v[idx]], dim=1), heads)
 
 
 def pair_attention_options(partner: torch.Tensor) -> dict:
