@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .training import attention, joint_attention
+from .training import DECODER_BLOCKS, attention, joint_attention
 
 
 def _with_attn1(c: dict, replace: dict) -> dict:
@@ -67,7 +67,7 @@ def kv_model(model, reference, layers: tuple[int, ...], sigma_hi: float, sigma_l
     return m
 
 
-def pair_model(model, zero_values: bool = False, blocks: tuple[int, ...] = tuple(range(12))):
+def pair_model(model, zero_values: bool = False, blocks: tuple[int, ...] = DECODER_BLOCKS):
     """A clone that samples a batch of 2 as a pair (rows 0 and 1 of every cond/uncond chunk)."""
 
     def wrapper(apply_model, args):

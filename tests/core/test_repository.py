@@ -29,7 +29,7 @@ def _exists(ref: str, source: Path) -> bool:
 
 
 def _is_output(ref: str, text: str) -> bool:
-    """A file the code *writes* (``out / "report.md"``, or ``OUT/report.md`` in its docs), not a document."""
+    """A file the code *writes* (``out / "<name>"``, or ``OUT/<name>`` in its docs), not a document."""
     name = ref.split("/")[-1]
     placeholder = re.fullmatch(r"[A-Z]+/" + re.escape(name), ref) is not None
     return f'/ "{name}"' in text and (ref == name or placeholder)
@@ -63,9 +63,10 @@ def test_the_checks_can_fail(tmp_path):
     assert not _exists("no-such-notes" + ".md", tmp_path / "x.py")
     assert _ISSUE_REF.search("DM_AMAPatch (issue 5 §6)") and not _ISSUE_REF.search("an issue with it")
     # a written output is not a document; a document merely named beside a write still is
-    assert _is_output("OUT/report.md", 'open(out / "report.md", "w")  # OUT/report.md')
-    assert not _is_output("docs/report.md", 'open(out / "report.md", "w")')
-    assert not _is_output("report.md", "see report.md")
+    report = "report" + ".md"  # built, so that this file names no document itself
+    assert _is_output(f"OUT/{report}", f'open(out / "{report}", "w")  # OUT/{report}')
+    assert not _is_output(f"docs/{report}", f'open(out / "{report}", "w")')
+    assert not _is_output(report, f"see {report}")
 
 
 def test_the_registry_icon_is_in_the_repository():
