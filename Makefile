@@ -9,6 +9,7 @@
 #   make bench    AMA / bank / batch / guidance cost vs plain ComfyUI sampling (ratios; writes
 #                 benchmarks/out/bench.json)
 #   make profile  where an AMA sampling spends its time (cProfile, per stage)
+#   make syncs    host reads (GPU synchronisations) per sampling step, by call site (benchmarks/out/host_reads.json)
 #   make bench-core  matching kernels vs a naive implementation
 #   make demo     ComfyUI with the pack and the miniature world's demo nodes; opens the demo workflow
 #   make fidelity a miniature Table 5 on the miniature world's model (FIDELITY_ARGS="--cases FILE --out DIR")
@@ -20,7 +21,8 @@ PY := .venv/bin/python
 PORT ?= 8188
 SERVE_BASE ?= $(CURDIR)/.host/serve
 
-.PHONY: setup test test-compat lint serve run bench bench-core profile gpu-check clean demo fidelity train-miniworld
+.PHONY: setup test test-compat lint serve run bench bench-core profile syncs gpu-check clean demo fidelity \
+	train-miniworld
 
 setup:
 	@bash scripts/setup_host.sh
@@ -55,6 +57,9 @@ bench-core: setup
 
 profile: setup
 	$(PY) benchmarks/profile_ama.py $(PROFILE_ARGS)
+
+syncs: setup
+	$(PY) benchmarks/host_reads.py $(SYNCS_ARGS)
 
 demo: setup
 	@bash scripts/demo.sh $(PORT)

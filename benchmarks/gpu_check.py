@@ -557,6 +557,21 @@ def section_bench(rec: dict, bs, pack: str, dm, *, layout: str, width: int, size
     free_memory()
 
 
+def section_syncs(rec: dict, bs, pack: str, *, size: int, steps: int, report: Report) -> None:
+    """Synchronisations per step (SD1.5 layout): the ones CUDA reports and the host-read proxy that
+    ``make syncs`` measures on a CPU (``benchmarks/host_reads.py``), per method."""
+    import host_reads
+
+    model, dtype, _, _ = pick_dtype(bs, pack, 320, "sd15", size, report)
+    rows = host_reads.count_methods(pack, model, size=size, steps=steps, layout="sd15")
+    rec["rows"] = rows
+    rec["setup"] = {"layout": "sd15", "size": size, "steps": steps, "dtype": str(dtype)}
+    for line in host_reads.table(rows):
+        report.log("  " + line)
+    del model
+    free_memory()
+
+
 def section_profile(rec: dict, bs, pack: str, dm, *, size: int, steps: int, report: Report,
                     out: Path) -> None:
     """Where the AMA / guidance overhead goes: torch.profiler tables of one run each (SD1.5, fp16),
@@ -640,7 +655,8 @@ def main() -> int:
     ap.add_argument("--sdxl-repeats", type=int, default=2)
     ap.add_argument("--sdxl-min-left", type=float, default=120.0, help="skip SDXL with less budget left (s)")
     ap.add_argument("--no-sdxl", action="store_true")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: parity,matching,sd15,sdxl")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated sections to skip: parity,matching,sd15,syncs,sdxl")
     ap.add_argument("--tree-hash", action="store_true", help="print the pack's source hash and exit")
     ap.add_argument("--profile", action="store_true", help="profile one AMA and one mg-fast run (SD1.5)")
     a = ap.parse_args()
@@ -735,6 +751,17 @@ def main() -> int:
             width, size, steps, reps = (64, 64, 2, 1) if a.smoke else full
             section_bench(rec, bs, pack, dm, layout="sdxl", width=width, size=size, steps=steps, repeats=reps,
                           deadline=end - 5, report=report)
+
+    left = end - time.perf_counter()
+    if "syncs" in skip:
+        report.data["sections"]["syncs"] = {"status": "skipped (flag)"}
+    elif left < 45 and not a.smoke:
+        report.data["sections"]["syncs"] = {"status": f"skipped (only {left:.0f} s of budget left)"}
+        report.log(f"== syncs skipped: {left:.0f} s left")
+    else:
+        with report.section("syncs") as rec:
+            size, steps = (64, 2) if a.smoke else (a.sd15_size, 10)
+            section_syncs(rec, bs, pack, size=size, steps=steps, report=report)
 
     if a.profile:
         with report.section("profile") as rec:

@@ -88,12 +88,18 @@ class StepLog:
 
     def summary(self) -> list[StepFigures]:
         """One :class:`StepFigures` per recorded step, in step order (rows averaged)."""
+        items = sorted(self._rec.items())
+        if not items:
+            return []
+        # one transfer to the host for the whole run (each is a GPU synchronisation)
+        device = items[0][1][2].device
+        host = torch.stack([f.to(device=device, dtype=torch.float32) for _, (_c, _s, f) in items]).cpu()
         steps: dict[int, list[tuple[float, Tensor]]] = {}
-        for (step, _row), (_cells, sigma, figures) in sorted(self._rec.items()):
+        for ((step, _row), (_cells, sigma, _f)), figures in zip(items, host, strict=True):
             steps.setdefault(step, []).append((sigma, figures))
         out = []
         for step, recs in steps.items():
-            mean = torch.stack([f.to("cpu", torch.float32) for _, f in recs]).mean(0).tolist()
+            mean = torch.stack([f for _, f in recs]).mean(0).tolist()
             out.append(StepFigures(step, recs[0][0], *mean, rows=len(recs)))
         return out
 

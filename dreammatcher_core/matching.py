@@ -87,7 +87,7 @@ def _check_feature_pair(feat_tgt: Tensor, feat_ref: Tensor) -> None:
         raise TypeError("features must be floating point tensors")
 
 
-def _unit_rows(feat: Tensor) -> Tensor:
+def _unit_rows(feat: Tensor, check_finite: bool = True) -> Tensor:
     """``[C, H, W]`` -> ``[H*W, C]`` unit rows (float32, or float64 for float64 input), never aliasing input.
 
     The result is the transposed view of a contiguous ``[C, H*W]`` buffer: BLAS takes it as a transposed
@@ -108,7 +108,7 @@ def _unit_rows(feat: Tensor) -> Tensor:
     # sum of squares over the contiguous channel axis: vectorised across pixels, several times faster on
     # CPU than ``vector_norm`` over dim 0
     norm = (cols * cols).sum(dim=0, keepdim=True).sqrt_()
-    if not bool(torch.isfinite(norm).all()):
+    if check_finite and not bool(torch.isfinite(norm).all()):
         raise ValueError("features contain NaN or Inf")
     return (cols / norm.clamp_min_(torch.finfo(dtype).tiny)).to(dtype).T
 
@@ -324,6 +324,33 @@ _MAX_CANDIDATES = 64
 _PAIR_BLOCK = 4096
 
 
+def _counts(*masks: Tensor) -> list[int]:
+    """The number of ``True`` entries of each mask, read back to the host together.
+
+    WHY: every ``nonzero`` (or boolean index) is a read back to the host, which on a GPU stalls the CPU
+    until the queued kernels finish. Reading all the counts in one transfer and then taking the indices
+    with ``nonzero_static`` (which needs no read) costs one synchronisation instead of one per mask.
+    """
+    return torch.stack([m.sum() for m in masks]).tolist()
+
+
+def _nonzero(mask: Tensor, count: int) -> Tensor:
+    """``mask.nonzero()`` for a mask with ``count`` ``True`` entries (from :func:`_counts`), without a read.
+
+    Torch builds without a ``nonzero_static`` kernel for the mask's device fall back to ``nonzero``: the
+    same indices in the same (row-major) order, at the price of a read.
+    """
+    try:
+        return torch.nonzero_static(mask, size=count)
+    except (AttributeError, NotImplementedError):
+        return mask.nonzero()
+
+
+def _where(mask: Tensor, count: int) -> Tensor:
+    """Indices of the ``True`` entries of a 1-D ``mask`` (``count`` of them, from :func:`_counts`)."""
+    return _nonzero(mask, count).squeeze(1)
+
+
 def _near_pairs(near: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """Split the ``True`` entries of ``near`` by their count along ``dim``.
 
@@ -331,13 +358,9 @@ def _near_pairs(near: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     indices of the lines with more)``; a line is a row for ``dim=1`` and a column for ``dim=0``.
     """
     many = near.sum(dim=dim) > _MAX_CANDIDATES
-    if bool(many.any()):
-        near = near.clone()
-        if dim == 1:
-            near[many] = False
-        else:
-            near[:, many] = False
-    return near.nonzero(), many.nonzero().squeeze(1)
+    few = near & ~(many.unsqueeze(1) if dim == 1 else many.unsqueeze(0))
+    n_few, n_many = _counts(few, many)
+    return _nonzero(few, n_few), _where(many, n_many)
 
 
 def _exact_pairs(ut: Tensor, ur: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -365,7 +388,8 @@ def _resolve(group: Tensor, other: Tensor, value: Tensor, size: int) -> Tensor:
     top = value == best[group]
     big = torch.iinfo(torch.long).max
     win = torch.full((size,), big, dtype=torch.long, device=value.device)
-    win.scatter_reduce_(0, group[top], other[top], reduce="amin")
+    # candidates below the maximum contribute ``big``, the neutral element (no boolean index: no host read)
+    win.scatter_reduce_(0, group, torch.where(top, other, torch.full_like(other, big)), reduce="amin")
     return torch.where(win == big, torch.full_like(win, -1), win)
 
 
@@ -405,24 +429,30 @@ def _screened_indices(ut: Tensor, ur: Tensor, chunk: int) -> tuple[Tensor, Tenso
 
         rv, ri, ramb = _top_rows(sim, margin)
         row_idx[start : start + m] = ri
-        amb_rows = ramb.nonzero().squeeze(1)
-        if amb_rows.numel():
-            near = sim[amb_rows] >= (rv[amb_rows] - margin).unsqueeze(1)
-            pairs, many = _near_pairs(near, 1)
-            row_cand.append(torch.stack([amb_rows[pairs[:, 0]] + start, pairs[:, 1]], dim=1))
-            row_full.append(amb_rows[many] + start)
-
         cbm = _block_max(sim, 0, _COL_BLOCK)
         if start == 0:
             cols = torch.arange(nr, device=device)  # every column is new
         else:
-            cols = (cbm.amax(dim=0) >= col_val - margin).nonzero().squeeze(1)
-            if cols.numel() == 0:
-                continue
-        cv, ci, chunk_amb = _top_cols(sim, cbm, None if start == 0 else cols, margin)
+            relevant = cbm.amax(dim=0) >= col_val - margin
+            cols = _where(relevant, _counts(relevant)[0])
+        # one host read for both kinds of ambiguity (see _counts); the column side is empty without cols
+        cv = ci = None
+        if cols.numel():
+            cv, ci, chunk_amb = _top_cols(sim, cbm, None if start == 0 else cols, margin)
+            n_rows, n_cols = _counts(ramb, chunk_amb)
+        else:
+            n_rows, n_cols = _counts(ramb)[0], 0
+        if n_rows:
+            amb_rows = _where(ramb, n_rows)
+            near = sim[amb_rows] >= (rv[amb_rows] - margin).unsqueeze(1)
+            pairs, many = _near_pairs(near, 1)
+            row_cand.append(torch.stack([amb_rows[pairs[:, 0]] + start, pairs[:, 1]], dim=1))
+            row_full.append(amb_rows[many] + start)
+        if cv is None:
+            continue
         col_cand.append(torch.stack([ci + start, cols], dim=1))
-        amb_cols = chunk_amb.nonzero().squeeze(1)
-        if amb_cols.numel():
+        if n_cols:
+            amb_cols = _where(chunk_amb, n_cols)
             near = sim[:, cols[amb_cols]] >= (cv[amb_cols] - margin).unsqueeze(0)
             pairs, many = _near_pairs(near, 0)
             col_cand.append(torch.stack([pairs[:, 0] + start, cols[amb_cols[pairs[:, 1]]]], dim=1))
@@ -447,26 +477,27 @@ def _screened_indices(ut: Tensor, ur: Tensor, chunk: int) -> tuple[Tensor, Tenso
     if full.numel():
         row_idx[full] = _exact_argmax(ut.index_select(0, full), ur, chunk, chunk * nr)
 
-    # Columns: only the finally ambiguous ones need resolving.
-    if bool(col_amb.any()):
+    # Columns: only the finally ambiguous ones need resolving (one host read for both counts).
+    if col_cand:
         full_mask = torch.zeros(nr, dtype=torch.bool, device=device)
         if col_full:
             full_mask[torch.cat(col_full)] = True
         full_mask &= col_amb
         pairs = torch.cat(col_cand)
         keep = col_amb[pairs[:, 1]] & ~full_mask[pairs[:, 1]]
-        pairs = pairs[keep]
-        if pairs.numel():
+        n_keep, n_full = _counts(keep, full_mask)
+        if n_keep:
+            pairs = pairs.index_select(0, _where(keep, n_keep))
             win = _resolve(pairs[:, 1], pairs[:, 0], _exact_pairs(ut, ur, pairs[:, 0], pairs[:, 1]), nr)
             col_idx = torch.where(win >= 0, win, col_idx)
-        full = full_mask.nonzero().squeeze(1)
-        if full.numel():
+        if n_full:
+            full = _where(full_mask, n_full)
             col_idx[full] = _exact_argmax(ur.index_select(0, full), ut, chunk, chunk * nr)
     return row_idx, col_idx
 
 
 def match_indices(
-    feat_tgt: Tensor, feat_ref: Tensor, *, chunk_size: int | None = None
+    feat_tgt: Tensor, feat_ref: Tensor, *, chunk_size: int | None = None, check_finite: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Flat argmax-cosine matches in both directions.
 
@@ -477,7 +508,9 @@ def match_indices(
 
     ``chunk_size`` bounds the number of similarity-matrix rows (target pixels) materialised at once;
     ``None`` picks :func:`auto_chunk_size`.  The result does not depend on it, bit for bit (module
-    docstring).  Ties resolve to the lowest flat index.  The official code recomputes the full
+    docstring).  ``check_finite=False`` skips the NaN/Inf check of the features, which reads a value back
+    to the host (a GPU synchronisation); callers that check their inputs once elsewhere pass it.
+    Ties resolve to the lowest flat index.  The official code recomputes the full
     ``HtWt x HrWr`` cost volume in every AMA layer; here it never exists.
     """
     _check_feature_pair(feat_tgt, feat_ref)
@@ -490,7 +523,7 @@ def match_indices(
     out_t2r, out_r2t = [], []
     with torch.no_grad():
         for i in range(b):
-            ut, ur = _unit_rows(feat_tgt[i]), _unit_rows(feat_ref[i])
+            ut, ur = _unit_rows(feat_tgt[i], check_finite), _unit_rows(feat_ref[i], check_finite)
             if screen:
                 t2r, r2t = _screened_indices(ut, ur, chunk)
             else:
@@ -521,7 +554,7 @@ def _flow_from_flat(idx: Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int
 
 
 def argmax_flows(
-    feat_tgt: Tensor, feat_ref: Tensor, *, chunk_size: int | None = None
+    feat_tgt: Tensor, feat_ref: Tensor, *, chunk_size: int | None = None, check_finite: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Argmax-of-cosine-similarity flows ``(flow_t2r [B,2,Ht,Wt], flow_r2t [B,2,Hr,Wr])``.
 
@@ -529,7 +562,7 @@ def argmax_flows(
     (docs/method.md, "Semantic matching") without the cost volume: see :func:`match_indices` for chunking,
     exactness and ties.
     """
-    idx_t2r, idx_r2t = match_indices(feat_tgt, feat_ref, chunk_size=chunk_size)
+    idx_t2r, idx_r2t = match_indices(feat_tgt, feat_ref, chunk_size=chunk_size, check_finite=check_finite)
     return flows_from_indices(
         idx_t2r, idx_r2t, (feat_tgt.shape[2], feat_tgt.shape[3]), (feat_ref.shape[2], feat_ref.shape[3])
     )
@@ -620,10 +653,9 @@ def _gather_tokens(tokens: Tensor, idx: Tensor, valid: Tensor, k: int) -> Tensor
     offsets = torch.arange(bk, device=tokens.device).unsqueeze(1) * nr
     flat = tokens.reshape(bk * nr, d).index_select(0, (idx + offsets).reshape(-1))
     out = flat.reshape(bk, -1, d)
-    # on a GPU the select always runs: checking first would stall the CPU for a cheap elementwise op
-    if out.device.type != "cpu" or not bool(valid.all()):
-        out = torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out
+    # The select always runs: checking ``valid.all()`` first would read a value back to the host, which on
+    # a GPU stalls the CPU for the sake of skipping one cheap elementwise op.
+    return torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def _bilinear_warp(x_ref: Tensor, flow: Tensor, k: int) -> Tensor:

@@ -118,17 +118,22 @@ class GuidanceRun:
         ref_hw = tuple(self.spec.reference.trajectory.shape[-2:])
         desc_r, desc_t = dmf.describe([rf[k][idx].float() for k in self.layers],
                                       [tf[k].float() for k in self.layers], pca_dim=self.spec.pca_dim,
-                                      grid_ref=ref_hw, grid_tgt=tuple(hw))
+                                      grid_ref=ref_hw, grid_tgt=tuple(hw), pca_solver=self.spec.pca_solver)
         flow, back = dmm.argmax_flows(desc_t, desc_r)
         fg = torch.ones(b, 1, *hw, device=flow.device)
         conf = dmm.confidence(dmm.cycle_error(flow, back), fg, self.spec.lambda_c)
         return flow, fg * conf
 
     def targets(self, flow: torch.Tensor, dtype) -> torch.Tensor:
-        """The warped clean reference latent z0 for each target row (reference row = row % N)."""
+        """The warped clean reference latent z0 for each target row (reference row = row % N).
+
+        Every flow here comes straight from an argmax (this run's or the AMA patch's), so it is
+        integral: the warp is told so instead of checking the values, which on a GPU would stall the CPU
+        twice per guided branch.
+        """
         z0 = self.spec.reference.trajectory.z0.to(self.device, dtype)
         idx = torch.arange(flow.shape[0]) % z0.shape[0]
-        return dmm.warp(z0[idx], flow.to(self.device)).to(dtype)
+        return dmm.warp(z0[idx], flow.to(self.device), integral=True).to(dtype)
 
     # -- the guided model call --------------------------------------------------------------------
     def calc_cond_batch(self, args: dict) -> list:

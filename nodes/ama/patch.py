@@ -147,7 +147,9 @@ class AMAPatch:
             previous = topts.get(RUN_KEY)
             topts[RUN_KEY] = run
             try:
-                return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+                out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+                run.corr.check_finite()  # the last step's descriptors
+                return out
             finally:
                 patch.last_stats = dict(run.stats, active_steps=sorted(run.active))
                 patch.finish_run(run)
