@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..dreammatcher_core import features as core_features
 from .layout import MAX_FEATURE_LAYER, parse_block_ids
 from .subject import resolve_subject
 
 MASK_MODES = ["soft", "binary", "none"]
 #: Accepted descriptor grids (FeatureConfig.grid). Only the official behaviour for now.
 GRIDS = ["finest"]
+#: The PCA's solvers (FeatureConfig.pca_solver), the exact one first: the default.
+PCA_SOLVERS = list(core_features.PCA_SOLVERS)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class FeatureConfig:
     #: Descriptor grid: "finest" resizes every layer to the finest chosen layer's grid
     #: (official behaviour); an int N means N x N-per-latent-downsampling, reserved for later.
     grid: str = "finest"
+    #: The PCA's solver: "exact" (default) or "lowrank" (docs/method.md, "A faster PCA").
+    pca_solver: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,11 @@ def parse_layers(text: str) -> tuple[int, ...] | None:
     return layers
 
 
-def feature_config(layers: str = "", pca_dim: int = 256, grid: str = "finest") -> FeatureConfig:
+def feature_config(layers: str = "", pca_dim: int = 256, grid: str = "finest",
+                   pca_solver: str = "exact") -> FeatureConfig:
     """The ``DM_FEATURES`` object for these widget values."""
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}; got '{grid}'.")
-    return FeatureConfig(layers=parse_layers(layers), pca_dim=int(pca_dim), grid=grid)
+    if pca_solver not in PCA_SOLVERS:
+        raise ValueError(f"pca_solver must be one of {PCA_SOLVERS}; got '{pca_solver}'.")
+    return FeatureConfig(layers=parse_layers(layers), pca_dim=int(pca_dim), grid=grid, pca_solver=pca_solver)

@@ -48,6 +48,7 @@ class GuidanceSpec:
     lambda_c: float = 0.4
     feature_layers: tuple[int, ...] | None = None
     pca_dim: int = 256
+    pca_solver: str = "exact"
     #: Optional observer ``probe(info: dict)`` called once per guided branch (tests, diagnostics).
     probe: object = None
 
@@ -59,7 +60,8 @@ def check_guidance_schedule(reference, sigmas: torch.Tensor, window: tuple[float
     """Fail clearly if a guided sigma is not a sigma of the reference's trajectory."""
     traj = reference.trajectory
     hi, lo = window
-    missing = [float(s) for s in sigmas[:-1] if lo <= float(s) <= hi and not traj.contains(float(s))]
+    values = sigmas[:-1].tolist()  # one host read for the whole schedule
+    missing = [s for s in values if lo <= s <= hi and not traj.contains(s)]
     if missing:
         meta = traj.meta
         raise ValueError(
@@ -95,9 +97,10 @@ def sample_matching_guidance(model, x, sigmas, extra_args=None, callback=None, d
     s_in = x.new_ones([x.shape[0]])
     base_options = extra_args.get("model_options", {})
     run.inner_calc = base_options.get("sampler_calc_cond_batch_function")
+    values = sigmas.tolist()  # read once: a float() per step would be a host read per step
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma_hat = sigmas[i]
-        if run.active(float(sigma_hat)):
+        if run.active(values[i]):
             hooked = {**base_options, "sampler_calc_cond_batch_function": run.calc_cond_batch}
             guided = {**extra_args, "model_options": hooked}
             denoised = model(x, sigma_hat * s_in, **guided)

@@ -9,7 +9,7 @@ The order in which a node lists them is part of its saved-workflow contract (sch
 
 from __future__ import annotations
 
-from .config import GRIDS, MASK_MODES
+from .config import GRIDS, MASK_MODES, PCA_SOLVERS
 from .host import require_node_api
 from .sockets import DMFeatures
 
@@ -36,6 +36,22 @@ def feature_setting_inputs() -> list:
                     "layer's grid (official).",
         ),
     ]
+
+
+def pca_solver_input():
+    """``pca_solver``: only Feature Settings has it.
+
+    Appended last and optional: a saved API-format prompt written before it existed has no value for
+    it, and a required input would fail that prompt's validation; missing means ``exact``, the old
+    behaviour.
+    """
+    return io.Combo.Input(
+        "pca_solver", options=PCA_SOLVERS, default="exact", optional=True,
+        tooltip=("How the PCA is computed. 'exact' (default): a full eigen-decomposition. 'lowrank': a "
+                 "seeded randomised solver for the top pca_dim directions, much faster on a GPU and "
+                 "nearly the same descriptor (README, 'Performance'); it is not the default until the "
+                 "fidelity benchmark shows it is as good."),
+    )
 
 
 def match_setting_inputs() -> list:

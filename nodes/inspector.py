@@ -107,7 +107,7 @@ def feature_layers(model, config: FeatureConfig) -> tuple[int, ...]:
     return layout.feature_layers(host_model.unet_layout(model), config.layers)
 
 
-def _joint_pca(groups: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+def _joint_pca(groups: list[torch.Tensor], dim: int, solver: str = "exact") -> list[torch.Tensor]:
     """One PCA fitted on the pixels of every ``[B, C, h, w]`` group together (sizes may differ).
 
     WHY joint: projecting all images on the same basis gives the same semantics the same
@@ -116,7 +116,7 @@ def _joint_pca(groups: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
     flat = [g.float().permute(1, 0, 2, 3).reshape(g.shape[1], 1, -1) for g in groups]
     a = flat[0]
     b = torch.cat(flat[1:], -1) if len(flat) > 1 else flat[0]
-    pa, pb = core_features.co_pca(a, b, dim)
+    pa, pb = core_features.co_pca(a, b, dim, solver=solver)
     parts = [pa]
     if len(flat) > 1:
         parts.extend(torch.split(pb, [f.shape[-1] for f in flat[1:]], dim=-1))
@@ -125,7 +125,7 @@ def _joint_pca(groups: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
 
 
 def joint_descriptors(groups: list[dict[int, torch.Tensor]], layers: tuple[int, ...],
-                      pca_dim: int) -> list[torch.Tensor]:
+                      pca_dim: int, pca_solver: str = "exact") -> list[torch.Tensor]:
     """A descriptor of several images at once, for showing features (Extract Diffusion Features):
     per-layer joint PCA over all images, then bilinear resize (align_corners=True) to each image's
     finest layer grid, finest layer first, L2 per pixel.
@@ -134,7 +134,7 @@ def joint_descriptors(groups: list[dict[int, torch.Tensor]], layers: tuple[int, 
     ``features.describe``) in two ways, both for display: the PCA is fitted on N images instead of
     one pair, and it runs on each layer's own grid before resizing (the matching descriptor resizes
     first). Colours are therefore comparable across the N images, not bit-equal to what AMA matches."""
-    per_layer = {k: _joint_pca([g[k] for g in groups], pca_dim) for k in layers}
+    per_layer = {k: _joint_pca([g[k] for g in groups], pca_dim, pca_solver) for k in layers}
     out = []
     for i, g in enumerate(groups):
         hw = max((tuple(g[k].shape[-2:]) for k in layers), key=lambda s: s[0] * s[1])
@@ -167,6 +167,6 @@ def feature_images(model, config: FeatureConfig, latent_a: dict, latent_b: dict 
         feats, _ = inspector_pass(model, lat["samples"], conditioning, layers=layers,
                                        noise_percent=noise_percent, seed=seed)
         groups.append(feats)
-    descs = joint_descriptors(groups, layers, config.pca_dim)
+    descs = joint_descriptors(groups, layers, config.pca_dim, config.pca_solver)
     images = [upscale_view(x) for x in pca_rgb(descs)]
     return images[0], images[-1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .config import feature_config, match_config
 from .host import require_node_api
-from .inputs import feature_setting_inputs, match_setting_inputs
+from .inputs import feature_setting_inputs, match_setting_inputs, pca_solver_input
 from .sockets import CATEGORY, DMFeatures, DMMatch
 
 io = require_node_api().io
@@ -30,13 +30,14 @@ class FeatureSettings(io.ComfyNode):
                 "'features' to AMA Model Patch, the Matching Guidance Sampler or an inspector. Without "
                 "this node they use the model's defaults (SD1.5: decoder blocks 5 and 8, PCA 256)."
             ),
-            inputs=feature_setting_inputs(),
+            inputs=[*feature_setting_inputs(), pca_solver_input()],
             outputs=[DMFeatures.Output("features", tooltip="Feature configuration.")],
         )
 
     @classmethod
-    def execute(cls, layers: str = "", pca_dim: int = 256, grid: str = "finest") -> io.NodeOutput:
-        return io.NodeOutput(feature_config(layers, pca_dim, grid))
+    def execute(cls, layers: str = "", pca_dim: int = 256, grid: str = "finest",
+                pca_solver: str = "exact") -> io.NodeOutput:
+        return io.NodeOutput(feature_config(layers, pca_dim, grid, pca_solver))
 
 
 class MatchSettings(io.ComfyNode):

@@ -16,15 +16,21 @@ import torch
 from ...dreammatcher_core import features as core_features
 from ...dreammatcher_core import matching as core_matching
 
+NON_FINITE = ("DreamMatcher AMA: the decoder features hold NaN or Inf, so nothing can be matched. The "
+              "model overflowed in its compute dtype: try fp32 or bf16 weights, or a lower cfg.")
+
 
 def descriptor(tgt: list[torch.Tensor], ref: list[torch.Tensor],
-               pca_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+               pca_dim: int, *, check_finite: bool = True,
+               pca_solver: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """The matching descriptor of one target row and the reference: ``(desc_t, desc_r)``.
 
     ``tgt``/``ref``: the same decoder layers, ``[1, C_l, H_l, W_l]`` each. The one recipe the AMA
-    patch and the Semantic Match inspector use.
+    patch and the Semantic Match inspector use. ``check_finite`` and ``pca_solver`` as in the core's
+    ``describe``.
     """
-    desc_r, desc_t = core_features.describe(ref, tgt, pca_dim=pca_dim)
+    desc_r, desc_t = core_features.describe(ref, tgt, pca_dim=pca_dim, check_finite=check_finite,
+                                            pca_solver=pca_solver)
     return desc_t, desc_r
 
 
@@ -61,9 +67,10 @@ class CorrespondenceCache:
     """
 
     def __init__(self, feature_layers: tuple[int, ...], pca_dim: int, sigmas: list[float],
-                 stats: dict) -> None:
+                 stats: dict, pca_solver: str = "exact") -> None:
         self.layers = tuple(feature_layers)
         self.pca_dim = int(pca_dim)
+        self.pca_solver = pca_solver
         self.sigmas = sigmas
         self.stats = stats
         self.ref_feats: dict[int, dict[int, dict]] = {}
@@ -72,9 +79,28 @@ class CorrespondenceCache:
         self.flows: dict = {}
         #: (target grid, reference grid) pairs matched so far in this run (see :meth:`prefetch`).
         self.grids: set = set()
+        #: One device flag per descriptor of the current step: were its features finite? Read back
+        #: together once per step (:meth:`check_finite`) instead of once per layer and row.
+        self.finite: list[torch.Tensor] = []
+
+    def check_finite(self) -> None:
+        """Raise the NaN/Inf error if a descriptor since the last check had non-finite features.
+
+        WHY deferred: a check per PCA and per matched grid read a value back to the host several times
+        per step, and on a GPU each read stalls the CPU until the queued kernels finish. Checked at the
+        start of the next step and at the end of the run, one read per step reports the same fault.
+        """
+        if not self.finite:
+            return
+        ok = bool(torch.stack(self.finite).all())
+        self.finite.clear()
+        if not ok:
+            raise ValueError(NON_FINITE)
 
     def begin_step(self, step: int) -> None:
-        """Drop features older than the previous step and correspondences of other steps."""
+        """Drop features older than the previous step and correspondences of other steps (after the
+        previous step's NaN/Inf check)."""
+        self.check_finite()
         for bank in (self.ref_feats, self.tgt_feats):
             for k in [k for k in bank if k < step - 1]:
                 del bank[k]
@@ -93,8 +119,15 @@ class CorrespondenceCache:
             if ref is None or tgt is None or any(k not in ref or k not in tgt for k in self.layers):
                 self.desc[key] = None
             else:
-                self.desc[key] = descriptor([tgt[k] for k in self.layers], [ref[k] for k in self.layers],
-                                            self.pca_dim)
+                feats = [tgt[k] for k in self.layers] + [ref[k] for k in self.layers]
+                # The finite flag stays on the device (read once per step, see check_finite); the PCA
+                # gets the features with any NaN/Inf zeroed, so the linear-algebra libraries never see
+                # them (finite values pass through unchanged, bit for bit).
+                self.finite.append(torch.stack([torch.isfinite(f).all() for f in feats]).all())
+                safe = [torch.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0) for f in feats]
+                n = len(self.layers)
+                self.desc[key] = descriptor(safe[:n], safe[n:], self.pca_dim, check_finite=False,
+                                            pca_solver=self.pca_solver)
                 self.stats["descriptors"] += 1
         return self.desc[key]
 
@@ -130,7 +163,8 @@ class CorrespondenceCache:
             else:
                 dt = core_features.resize_descriptor(desc[0].float(), hw_t)
                 dr = core_features.resize_descriptor(desc[1].float(), hw_r)
-                f_t2r, f_r2t = core_matching.argmax_flows(dt, dr)
+                # finite by construction once the descriptor's flag holds (checked per step)
+                f_t2r, f_r2t = core_matching.argmax_flows(dt, dr, check_finite=False)
                 err = core_matching.cycle_error(f_t2r, f_r2t, integral=True)  # argmax flows are integral
                 self.flows[key] = Correspondence(f_t2r, f_r2t, err, sigma=self.sigmas[step], step=step)
                 self.stats["flows"] += 1

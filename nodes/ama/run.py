@@ -122,7 +122,7 @@ class RunState:
         self.stats = {"ref_passes": 0, "ref_rows": 0, "target_calls": 0, "injected": 0, "descriptors": 0,
                       "flows": 0, "skipped_no_features": 0, "off_schedule": 0, "prefetched": 0,
                       "bank_hits": 0, "bank_stores": 0, "bank_full": 0}
-        self.corr = CorrespondenceCache(s.feature_layers, s.pca_dim, self.sigmas, self.stats)
+        self.corr = CorrespondenceCache(s.feature_layers, s.pca_dim, self.sigmas, self.stats, s.pca_solver)
         #: The patch's reference bank when it may be used in this run (else None: all passes live).
         self.bank = None
         if self.active:  # a run that injects nothing neither uses nor resets the bank

@@ -32,6 +32,8 @@ class AMASettings:
     user_mask: torch.Tensor | None = None
     #: Reference bank budget in MiB (0: no bank; see ``bank``).
     bank_mib: float = 0.0
+    #: The descriptor PCA's solver ("exact" or "lowrank", from DM_FEATURES).
+    pca_solver: str = "exact"
 
     @property
     def auto_mask(self) -> bool:
@@ -72,4 +74,5 @@ def resolve_settings(layout: UNetLayout, *, strength: float, start_percent: floa
     if float(bank_mib) < 0:
         raise ValueError(f"reference_bank_mib must be 0 (off) or more; got {bank_mib}.")
     return AMASettings(float(strength), float(start_percent), float(end_percent), ama_keys, mkeys, layers,
-                       pca_dim, lambda_c, mask_mode, tokens, user_mask, float(bank_mib))
+                       pca_dim, lambda_c, mask_mode, tokens, user_mask, float(bank_mib),
+                       str(getattr(features, "pca_solver", "exact")))

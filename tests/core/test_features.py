@@ -141,3 +141,76 @@ def test_resize_descriptor_official_bilinear():
     torch.testing.assert_close(half, F.avg_pool2d(d, 2))  # align_corners=False halving = 2x2 mean
     assert Fe.resize_descriptor(d, (8, 8)) is d
     assert Fe.resize_descriptor(d.half(), (5, 3)).dtype == torch.float16
+
+
+def test_lowrank_solver_recovers_the_exact_top_subspace():
+    """Oracle: with distinct top variances and a spectral gap after them, the seeded low-rank solver
+    finds the same principal directions and variances as the exact eigen-decomposition, with the same
+    sign convention (each power iteration shrinks the error by the gap ratio, here 1e-4 per pass)."""
+    g = torch.Generator().manual_seed(11)
+    scales = torch.cat([torch.logspace(2, 1, 12, dtype=torch.float64), torch.full((84,), 0.01,
+                                                                                   dtype=torch.float64)])
+    basis, _ = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))
+    x = (torch.randn(256, 96, generator=g, dtype=torch.float64) * scales) @ basis.T + 0.3  # k + 8 < 96
+    mean, exact, var = Fe.pca_basis(x, 12)
+    mean_l, low, var_l = Fe.pca_basis(x, 12, solver="lowrank")
+    assert low.shape == exact.shape == (96, 12) and var_l.shape == (12,)
+    torch.testing.assert_close(mean_l, mean, rtol=0, atol=0)
+    torch.testing.assert_close(low, exact, rtol=0, atol=1e-6)
+    torch.testing.assert_close(var_l, var, rtol=1e-9, atol=0)
+    torch.testing.assert_close(low.T @ low, torch.eye(12, dtype=low.dtype), rtol=0, atol=1e-10)
+
+
+def test_lowrank_solver_is_seeded_and_leaves_the_global_rng_alone():
+    x = _rows(_spectral(1, 64, 12, 12, seed=12, dtype=torch.float32)[0])
+    state = torch.random.get_rng_state()
+    first = Fe.pca_basis(x, 10, solver="lowrank")
+    second = Fe.pca_basis(x, 10, solver="lowrank")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_lowrank_solver_falls_back_to_exact_when_dim_is_close_to_channels():
+    """No room for oversampling (dim + 8 >= C) or fewer rows than channels: the exact path runs."""
+    x = _rows(_spectral(1, 16, 8, 8, seed=13)[0])
+    for dim in (8, 12):
+        got, want = Fe.pca_basis(x, dim, solver="lowrank"), Fe.pca_basis(x, dim)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    few = _rows(_spectral(1, 64, 3, 3, seed=14)[0])  # 9 rows, 64 channels
+    got, want = Fe.pca_basis(few, 4, solver="lowrank"), Fe.pca_basis(few, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_describe_with_the_lowrank_solver_gives_nearly_the_same_descriptor():
+    ref = [_spectral(1, 80, 8, 8, seed=15, dtype=torch.float32), _spectral(1, 40, 16, 16, seed=16,
+                                                                            dtype=torch.float32)]
+    tgt = [_spectral(1, 80, 8, 8, seed=17, dtype=torch.float32), _spectral(1, 40, 16, 16, seed=18,
+                                                                            dtype=torch.float32)]
+    exact = Fe.describe(ref, tgt, pca_dim=16)
+    low = Fe.describe(ref, tgt, pca_dim=16, pca_solver="lowrank")
+    for e, lo in zip(exact, low, strict=True):
+        assert e.shape == lo.shape
+        assert (e * lo).sum(dim=1).min() > 0.999  # per-pixel cosine of the two descriptors
+    with pytest.raises(ValueError, match="solver"):
+        Fe.describe(ref, tgt, pca_dim=16, pca_solver="fast")
+
+
+def test_check_finite_false_skips_only_the_check():
+    """Without the check, NaN input is no longer refused up front (the eigen-solver may fail on it, or
+    NaN comes out); finite input gives the same result bit for bit."""
+    bad = _spectral(1, 8, 4, 4, seed=19)
+    bad[0, 0, 0, 0] = float("nan")
+    good = _spectral(1, 8, 4, 4, seed=20)
+    with pytest.raises(ValueError, match="NaN"):
+        Fe.co_pca(bad, good, 4)
+    try:
+        pa, _ = Fe.co_pca(bad, good, 4, check_finite=False)
+    except ValueError:
+        pytest.fail("check_finite=False still checked")
+    except RuntimeError:  # the solver's own failure on NaN
+        pass
+    else:
+        assert not torch.isfinite(pa).all()
+    a, b = _spectral(1, 8, 4, 4, seed=21), _spectral(1, 8, 4, 4, seed=22)
+    assert all(torch.equal(x, y) for x, y in zip(Fe.co_pca(a, b, 4), Fe.co_pca(a, b, 4, check_finite=False),
+                                                  strict=True))

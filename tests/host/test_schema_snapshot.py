@@ -3,7 +3,9 @@
 Saved workflows store widget values positionally, so any change here breaks users'
 workflows. The snapshot must be updated on purpose:
 ``DM_UPDATE_SNAPSHOT=1 .venv/bin/python -m pytest tests/host/test_schema_snapshot.py``.
-New inputs may only be appended at the end of a node's inputs.
+New inputs may only be appended at the end of a node's inputs, and should be optional: an API-format
+prompt saved before an input existed carries no value for it, and a required one fails its validation
+(``tests/host/test_inspect_nodes.py`` runs such a prompt for Feature Settings' ``pca_solver``).
 """
 
 from __future__ import annotations
