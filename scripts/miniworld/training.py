@@ -110,7 +110,8 @@ def save(path: Path, ema: dict, text: torch.nn.Module, steps: int, seconds: floa
     meta = {
         "steps": str(steps),
         "seconds": f"{seconds:.0f}",
-        "recipe": json.dumps({k: str(v) for k, v in vars(args).items()}),
+        # paths by name only: the file must not record the training machine's folders
+        "recipe": json.dumps({k: (v.name if isinstance(v, Path) else str(v)) for k, v in vars(args).items()}),
         "vocab": json.dumps(list(world.VOCAB)),
     }
     tmp = path.with_suffix(".tmp")
