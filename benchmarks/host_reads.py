@@ -205,9 +205,13 @@ def _cuda_sync_counter():
 def count_methods(pack: str, model, *, size: int, steps: int, layout: str = "narrow",
                   methods=("vanilla", "ama", "ama-bank", "mg-fast", "mg-exact")) -> list[dict]:
     """Host reads per step of each method on ``model`` (a ModelPatcher), one sampling each, after an
-    untimed warm-up (which also fills the bank); with CUDA, also the synchronisations CUDA reports."""
+    untimed warm-up (which also fills the bank); with CUDA, also the synchronisations CUDA reports.
+
+    "Per step" divides by the sampling steps actually taken: ``ddim_uniform`` makes 7 of a requested 6.
+    """
     import bench_sampling as bs
     import comfy.sample
+    import comfy.samplers
 
     dm = lambda sub: importlib.import_module(f"{pack}.{sub}")  # noqa: E731
     lat = size // 8
@@ -222,6 +226,8 @@ def count_methods(pack: str, model, *, size: int, steps: int, layout: str = "nar
     counter = HostReadCounter(pack_roots(pack))
     counter.recording = False  # inversion and warm-ups run under the mode so host tensors get marked
     rows = []
+    n_steps = len(comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform",
+                                                  steps)) - 1
     with counter:
         with torch.inference_mode():
             invert = dm("nodes.node_invert").InvertReference
@@ -259,12 +265,13 @@ def count_methods(pack: str, model, *, size: int, steps: int, layout: str = "nar
                 with cuda:
                     runs[name]()
             counter.recording = False
-            row = {"method": name, "pack_per_step": round(counter.pack / steps, 2),
-                   "host_per_step": round(counter.host / steps, 2),
+            row = {"method": name, "sampling_steps": n_steps,
+                   "pack_per_step": round(counter.pack / n_steps, 2),
+                   "host_per_step": round(counter.host / n_steps, 2),
                    "pack_sites": dict(sorted(((s, n) for s, n in counter.sites.items() if s != "host"),
                                              key=lambda kv: -kv[1]))}
             if cuda is not None:
-                row["cuda_syncs_per_step"] = round(cuda.n / steps, 2)
+                row["cuda_syncs_per_step"] = round(cuda.n / n_steps, 2)
             rows.append(row)
     return rows
 
@@ -297,11 +304,13 @@ def main() -> int:
     a.out.write_text(json.dumps({"setup": {"width": a.width, "size": a.size, "steps": a.steps,
                                            "layout": "narrow SD1.5", "torch": torch.__version__},
                                  "rows": rows}, indent=1))
-    print(f"host reads per step (narrow SD1.5 width {a.width}, {a.size}², {a.steps} DDIM steps, cfg 7.5)")
+    taken = rows[0]["sampling_steps"] if rows else a.steps
+    print(f"host reads per sampling step (narrow SD1.5 width {a.width}, {a.size}², {a.steps} DDIM steps "
+          f"requested, {taken} taken, cfg 7.5)")
     print("\n".join(table(rows)))
     for r in rows:
         if r["pack_sites"]:
-            print(f"\n{r['method']}: pack call sites (total over {a.steps} steps)")
+            print(f"\n{r['method']}: pack call sites (total over {taken} steps)")
             for site, n in r["pack_sites"].items():
                 print(f"  {n:6d}  {site}")
     print(f"\nwrote {a.out}")
