@@ -1,4 +1,5 @@
-"""Benchmark of ``dreammatcher_core.matching.argmax_flows`` against a naive full-matrix implementation.
+"""Benchmark of ``dreammatcher_core.matching.argmax_flows`` against a naive full-matrix implementation,
+and of the descriptor PCA's two solvers.
 
 Run: ``.venv/bin/python benchmarks/bench_core.py`` (``make bench-core``).  Prints a markdown table.
 
@@ -157,6 +158,37 @@ TIME_CONFIGS = (
 )
 
 
+#: (channels, pixels of the reference + target pair) of SD1.5's descriptor layers at 512² (block 5:
+#: 1280 channels at 32², block 8: 640 at 64²) and of the narrow layout ``make bench`` uses.
+PCA_SHAPES = ((1280, 2 * 32 * 32), (640, 2 * 64 * 64), (320, 2 * 32 * 32))
+
+
+def pca_rows(k: int = 256) -> list[str]:
+    """``pca_basis`` with the exact and the low-rank solver on the descriptor's shapes, same process,
+    median of 3 after a warm-up; the inputs are correlated (a random mixing of Gaussian pixels), so the
+    spectrum is not flat."""
+    import torch
+
+    from dreammatcher_core import features
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for c, n in PCA_SHAPES:
+        x = torch.randn(n, c, generator=g) @ torch.randn(c, c, generator=g) * 0.1
+        t = {}
+        for solver in features.PCA_SOLVERS:
+            features.pca_basis(x, k, solver=solver)
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                features.pca_basis(x, k, solver=solver)
+                runs.append(time.perf_counter() - t0)
+            t[solver] = statistics.median(runs)
+        rows.append(f"| {c} | {n} | {t['exact'] * 1e3:.0f} ms | {t['lowrank'] * 1e3:.0f} ms "
+                    f"| {t['exact'] / t['lowrank']:.2f}x |")
+    return rows
+
+
 def main() -> None:
     import torch
 
@@ -199,6 +231,11 @@ def main() -> None:
     print("| size | chunk rows | peak extra chunked | peak extra naive | pixels whose match differs |")
     print("|---|---|---|---|---|")
     print("\n".join(mem_rows))
+    print()
+    print("PCA basis (top 256 directions), exact vs low-rank solver, default threads:")
+    print("| channels | pixels | exact | lowrank | speed-up |")
+    print("|---|---|---|---|---|")
+    print("\n".join(pca_rows()))
     print()
     print(
         "Time: median wall time, both implementations alternating in one process per configuration. "

@@ -6,6 +6,7 @@ in the same run:
 
 * ``vanilla``      stock sampling, the baseline;
 * ``ama``          the model patched by ``DM_AMAPatch`` (reference pass + matching + AMA), no bank;
+* ``ama-lowrank``  ``ama`` with the low-rank PCA solver (Feature Settings' ``pca_solver``);
 * ``ama-bank``     the same with the reference bank, after one untimed sampling that fills it (what
                    every later generation with that reference costs);
 * ``vanilla-batch4`` / ``ama-batch4``  a batch of four targets sharing one reference (no bank);
@@ -72,7 +73,8 @@ LAYOUTS: dict[str, dict] = {
 }
 #: SDXL's pooled CLIP-G embedding, part of its ADM conditioning.
 SDXL_POOLED_DIM = 1280
-METHODS = ("vanilla", "invert", "ama", "ama-bank", "vanilla-batch4", "ama-batch4", "mg-fast", "mg-exact")
+METHODS = ("vanilla", "invert", "ama", "ama-lowrank", "ama-bank", "vanilla-batch4", "ama-batch4", "mg-fast",
+           "mg-exact")
 #: The method each ratio is taken against (default: ``vanilla``).
 BASELINES = {"ama-batch4": "vanilla-batch4"}
 #: Bank budget of ``ama-bank`` (MiB): enough for every step of the benchmark's sizes.
@@ -301,9 +303,11 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
         timed("vanilla", do_vanilla, warmup=False)
     timed("invert", do_invert, warmup=warmup_all)
     ref = holder.get("ref")
-    patched = banked = None
+    patched = banked = lowrank = None
     if ref is not None:
         patched = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match)
+        lowrank = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match,
+                                              features=config.feature_config(pca_solver="lowrank"))
         banked = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match, bank_mib=BANK_MIB)
     guidance = dm("nodes.node_guidance").MatchingGuidanceSampler
 
@@ -315,7 +319,8 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
                                0.08, 1.0, mode, match=match)
         out_holder["out"] = out[0]["samples"]
 
-    samplers = (("ama", do_ama, False), ("ama-bank", lambda: plain_sample(banked), True),
+    samplers = (("ama", do_ama, False), ("ama-lowrank", lambda: plain_sample(lowrank), False),
+                ("ama-bank", lambda: plain_sample(banked), True),
                 ("vanilla-batch4", lambda: plain_sample(model, batch4), warmup_all),
                 ("ama-batch4", lambda: plain_sample(patched, batch4), warmup_all),
                 ("mg-fast", lambda: do_mg("fast"), False), ("mg-exact", lambda: do_mg("exact"), False))
