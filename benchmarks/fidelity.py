@@ -8,7 +8,12 @@ and the stock KSampler (ComfyUI's own ``common_ksampler``) samples the target wi
 * ``kv``            key/value replacement from the reference in AMA's layers and window (controls.py);
 * ``ama``           AMA Model Patch at its defaults, no foreground mask;
 * ``ama-mask``      the same with the subject's cross-attention mask (the shape word is the subject);
-* ``ama-mg-fast`` / ``ama-mg-exact``  the Matching Guidance Sampler on the ``ama-mask`` model.
+* ``ama-mg-fast`` / ``ama-mg-exact``  the Matching Guidance Sampler on the ``ama-mask`` model;
+* ablations of ``ama`` (one setting changed each): ``ama-pca16`` (PCA size 16 instead of every channel),
+  ``ama-pca16-lowrank`` (the same with the low-rank PCA solver; at the default size the model's 64 and
+  128 channels leave the solver no room, so it would equal ``ama`` exactly), ``ama-layers-all`` (the
+  "all decoder" layer preset), ``ama-start0`` and ``ama-start30`` (the window starts at 0% / 30% of the
+  schedule instead of 8%).
 
 Each image is measured by ``scripts/miniworld/measure.py`` against the reference (appearance) and the
 same-seed baseline (structure). Every figure gets a 95% bootstrap interval over the case×seed samples.
@@ -35,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-METHODS = ("baseline", "kv", "ama", "ama-mask", "ama-mg-fast", "ama-mg-exact")
+METHODS = ("baseline", "kv", "ama", "ama-mask", "ama-mg-fast", "ama-mg-exact",
+           "ama-pca16", "ama-pca16-lowrank", "ama-layers-all", "ama-start0", "ama-start30")
 MEASURES = (
     "colour_set_ok",
     "texture_ok",
@@ -137,12 +143,20 @@ class Runner:
         masked = config.MatchConfig(subject=shape, subject_tokens=tokens, target_prompt=target_text)
         ms = self.model.get_model_object("model_sampling")
         hi, lo = float(ms.percent_to_sigma(0.08)), float(ms.percent_to_sigma(1.0))
+        plain = config.MatchConfig(mask_mode="none")
+
+        def ablation(start: float = 0.08, **kw):
+            return ama.patch_model(self.model, ref, 1.0, start, 1.0, match=plain, **kw)
+
         return {
             "kv": controls.kv_model(self.model, ref, AMA_LAYERS, hi, lo),
-            "ama": ama.patch_model(
-                self.model, ref, 1.0, 0.08, 1.0, match=config.MatchConfig(mask_mode="none")
-            ),
+            "ama": ablation(),
             "ama-mask": ama.patch_model(self.model, ref, 1.0, 0.08, 1.0, match=masked),
+            "ama-pca16": ablation(features=config.feature_config(pca_dim=16)),
+            "ama-pca16-lowrank": ablation(features=config.feature_config(pca_dim=16, pca_solver="lowrank")),
+            "ama-layers-all": ablation(layer_preset="all decoder"),
+            "ama-start0": ablation(start=0.0),
+            "ama-start30": ablation(start=0.3),
             "_match": masked,
         }
 
@@ -244,10 +258,10 @@ def main() -> int:
     ap.add_argument("--cases", type=Path, default=REPO / "benchmarks" / "fidelity_cases" / "heldout.json")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "fidelity")
     ap.add_argument("--weights", default="miniworld.safetensors")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--pairs", type=int, default=12, help="pairs for positive control (a); 0 skips it")
+    ap.add_argument("--pairs", type=int, default=24, help="pairs for positive control (a); 0 skips it")
     ap.add_argument("--max-cases", type=int, default=0)
     ap.add_argument("--max-seeds", type=int, default=0, help="use only the first N seeds of each case")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
