@@ -177,7 +177,7 @@ def inspectors(steps: int = 50, size: int = 512) -> dict:
         "8": _node("CLIPTextEncode", text=TARGET_PROMPT, clip=["1", 1]),
         "9": _node("DM_MatchSettings", lambda_c=0.4, mask_mode="soft", subject=SUBJECT, clip=["1", 1],
                    target_prompt=TARGET_PROMPT),
-        "10": _node("DM_FeatureSettings", layers="", pca_dim=256, grid="finest"),
+        "10": _node("DM_FeatureSettings", layers="", pca_dim=256, grid="finest", pca_solver="exact"),
         "11": _node("DM_InspectFeatures", model=["1", 0], latent_a=["4", 0], latent_b=["7", 0],
                     features=["10", 0], conditioning=["8", 0], noise_percent=0.25, seed=0),
         "12": _node("DM_InspectMatch", model=["1", 0], match=["9", 0], reference=["4", 0], target=["7", 0],

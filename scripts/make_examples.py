@@ -6,8 +6,9 @@ group per stage with a Note at its top, seeds fixed), and serialised back with
 ``app.graph.serialize()``, so the UI-format files carry exactly the widget layout the frontend
 expects. The API twin goes to ``example_workflows/api/``; a screenshot of the laid-out graph,
 fitted to the view, becomes ``example_workflows/<name>.jpg`` (the template browser's thumbnail).
-Run: ``.venv/bin/python scripts/make_examples.py``; with ``--miniworld`` it writes the miniature world's
-demo workflow into ``scripts/miniworld/example_workflows/`` instead (the demo nodes are loaded for it).
+Run: ``.venv/bin/python scripts/make_examples.py [--only NAME]``; with ``--miniworld`` it writes the
+miniature world's demo workflow into ``scripts/miniworld/example_workflows/`` instead (the demo nodes
+are loaded for it).
 """
 
 from __future__ import annotations
@@ -142,7 +143,13 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     examples, out_dir = EXAMPLES, REPO / "example_workflows"
-    miniworld = "--miniworld" in sys.argv[1:]
+    argv = sys.argv[1:]
+    if "--only" in argv:  # regenerate one example, leaving the others' files untouched
+        name = argv[argv.index("--only") + 1]
+        if name not in EXAMPLES:
+            raise SystemExit(f"--only: unknown example '{name}'; choose one of {sorted(EXAMPLES)}")
+        examples = {name: EXAMPLES[name]}
+    miniworld = "--miniworld" in argv
     if miniworld:
         from example_graphs import Example
         from miniworld import demo_graph
