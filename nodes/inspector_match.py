@@ -126,7 +126,7 @@ def inspect_correspondence(model, config: MatchConfig, features: FeatureConfig, 
     for r in range(tgt_samples.shape[0]):
         sampling.throw_if_interrupted()
         dt, dr = descriptor([tgt_feats[k][r:r + 1] for k in layers], [ref_feats[k] for k in layers],
-                            features.pca_dim, pca_solver=getattr(features, "pca_solver", "exact"))
+                            features.pca_dim, pca_solver=features.pca_solver)
         f_t2r, f_r2t = core_matching.argmax_flows(dt.float(), dr.float())
         err = core_matching.cycle_error(f_t2r, f_r2t)
         hw = tuple(dt.shape[-2:])

@@ -86,7 +86,7 @@ def make_spec(reference, guidance_scale: float, guidance_start: float, guidance_
         reference=reference, scale=float(guidance_scale), start_percent=float(guidance_start),
         end_percent=float(guidance_end), mode=mode, lambda_c=float(match.lambda_c),
         feature_layers=tuple(features.layers) if features.layers else None, pca_dim=int(features.pca_dim),
-        pca_solver=str(getattr(features, "pca_solver", "exact")),
+        pca_solver=str(features.pca_solver),
     )
 
 
