@@ -43,6 +43,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="bf16: autocast the forward pass to bfloat16 (fp32 weights, optimiser and loss); about 1.5x "
+        "faster on CPUs with bf16 matrix units and on CUDA. fp32: the recipe of the first shipped model",
+    )
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -95,9 +102,10 @@ def main() -> int:
         noise = torch.randn(x0.shape, generator=gen).to(device)
         a = ac[t.to(device)].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        ctx = text(batch.ids.to(device))
         opts = training.pair_attention_options(batch.partner.to(device))
-        pred = unet(xt, t.to(device).float(), context=ctx, transformer_options=opts)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            ctx = text(batch.ids.to(device))
+            pred = unet(xt, t.to(device).float(), context=ctx, transformer_options=opts)
         snr = a / (1 - a)
         w = (torch.clamp(snr, max=5.0) / snr).view(-1)
         per = F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3)) * w
