@@ -6,6 +6,10 @@ and the stock KSampler (ComfyUI's own ``common_ksampler``) samples the target wi
 
 * ``baseline``      the unpatched model;
 * ``kv``            key/value replacement from the reference in AMA's layers and window (controls.py);
+                    positive control (b) is measured on it;
+* ``kv-all``        the strongest form of the same family: every decoder self-attention layer, at every
+                    step. Reported beside control (b), never in its place: it shows whether the model can
+                    take an appearance through attention at all when AMA's layers and window are too narrow;
 * ``ama``           AMA Model Patch at its defaults, no foreground mask;
 * ``ama-mask``      the same with the subject's cross-attention mask (the shape word is the subject);
 * ``ama-mg-fast`` / ``ama-mg-exact``  the Matching Guidance Sampler on the ``ama-mask`` model;
@@ -40,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-METHODS = ("baseline", "kv", "ama", "ama-mask", "ama-mg-fast", "ama-mg-exact",
+METHODS = ("baseline", "kv", "kv-all", "ama", "ama-mask", "ama-mg-fast", "ama-mg-exact",
            "ama-pca16", "ama-pca16-lowrank", "ama-layers-all", "ama-start0", "ama-start30")
 MEASURES = (
     "colour_set_ok",
@@ -150,6 +154,9 @@ class Runner:
 
         return {
             "kv": controls.kv_model(self.model, ref, AMA_LAYERS, hi, lo),
+            "kv-all": controls.kv_model(
+                self.model, ref, controls.DECODER_BLOCKS, float(ms.sigma_max) * 2, 0.0
+            ),
             "ama": ablation(),
             "ama-mask": ama.patch_model(self.model, ref, 1.0, 0.08, 1.0, match=masked),
             "ama-pca16": ablation(features=config.feature_config(pca_dim=16)),
@@ -197,6 +204,8 @@ def measure_sample(rgb, ref_desc: dict, ref_rgb, base_desc: dict | None, target:
         "hist_dist": measure.hist_dist(rgb, d["mask"], ref_rgb, ref_desc["mask"]),
         "shape_ok": float(d["shape"] == shape),
         "position_ok": float(d["position"] == position) if position else float("nan"),
+        # what the classifiers read, kept so that a failure can be explained from the JSON alone
+        "read": {"colours": sorted(d["colours"]), "texture": d["texture"], "shape": d["shape"]},
     }
     if base_desc is None:
         row.update(mask_iou_vs_baseline=1.0, centroid_shift_px=0.0)
