@@ -142,6 +142,7 @@ class Runner:
         ama = self.dm("nodes.ama")
         subject = self.dm("nodes.subject")
         from miniworld import controls
+        from miniworld.training import DECODER_BLOCKS
 
         tokens = subject.resolve_subject(self.clip, target_text, shape)
         masked = config.MatchConfig(subject=shape, subject_tokens=tokens, target_prompt=target_text)
@@ -154,9 +155,7 @@ class Runner:
 
         return {
             "kv": controls.kv_model(self.model, ref, AMA_LAYERS, hi, lo),
-            "kv-all": controls.kv_model(
-                self.model, ref, controls.DECODER_BLOCKS, float(ms.sigma_max) * 2, 0.0
-            ),
+            "kv-all": controls.kv_model(self.model, ref, DECODER_BLOCKS, float("inf"), 0.0),
             "ama": ablation(),
             "ama-mask": ama.patch_model(self.model, ref, 1.0, 0.08, 1.0, match=masked),
             "ama-pca16": ablation(features=config.feature_config(pca_dim=16)),

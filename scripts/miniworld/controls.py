@@ -17,8 +17,6 @@ import torch
 
 from .training import DECODER_BLOCKS, attention, joint_attention
 
-__all__ = ["DECODER_BLOCKS", "kv_model", "pair_model"]
-
 
 def _with_attn1(c: dict, replace: dict) -> dict:
     c = dict(c)
