@@ -38,7 +38,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--minutes", type=float, default=85.0, help="stop (and save) after this wall time")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--pairs", type=int, default=8, help="pairs per batch (2 images each)")
+    ap.add_argument("--pairs", type=int, default=8, help="joint pairs per batch (2 images each)")
+    ap.add_argument(
+        "--read-only-pairs",
+        type=int,
+        default=0,
+        help="read-only pairs per batch (2 images each): the first image reads decoder self-attention "
+        "keys and values from its partner only, as in key/value replacement",
+    )
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=100)
@@ -95,14 +102,14 @@ def main() -> int:
         )
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = training.sample_batch(gen, args.batch, args.pairs)
+        batch = training.sample_batch(gen, args.batch, args.pairs, args.read_only_pairs)
         x0 = batch.latents.to(device)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         t[batch.partner >= 0] = t[batch.partner[batch.partner >= 0]]  # pair partners share the noise level
         noise = torch.randn(x0.shape, generator=gen).to(device)
         a = ac[t.to(device)].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        opts = training.pair_attention_options(batch.partner.to(device))
+        opts = training.pair_attention_options(batch.sources.to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             ctx = text(batch.ids.to(device))
             pred = unet(xt, t.to(device).float(), context=ctx, transformer_options=opts)

@@ -26,6 +26,11 @@ class Batch:
     ids: torch.Tensor  # [B, MAX_TOKENS]
     partner: torch.Tensor  # [B] index of the pair partner, or -1 for a single scene
     scenes: list
+    #: [B, 2] the two images whose decoder self-attention keys and values each row reads (own, other).
+    #: A joint pair reads (itself, its partner); a single scene (itself, itself), which is plain
+    #: self-attention; in a read-only pair the first image reads (partner, partner) and the second
+    #: (itself, itself), which is key/value replacement from the second into the first.
+    sources: torch.Tensor
 
 
 def _prompt(scene: world.Scene, mode: str) -> list[int]:
@@ -39,12 +44,23 @@ def _mode(gen: torch.Generator, p_empty: float, p_shape: float) -> str:
     return "empty" if u < p_empty else ("shape" if u < p_empty + p_shape else "full")
 
 
-def sample_batch(gen: torch.Generator, size: int, pairs: int) -> Batch:
-    """``pairs`` pairs (same subject, two different positions) followed by single scenes."""
+def sample_batch(gen: torch.Generator, size: int, pairs: int, read_only: int = 0) -> Batch:
+    """``pairs`` joint pairs, then ``read_only`` read-only pairs, then single scenes.
+
+    Every pair is one subject at two different positions. In a joint pair each image attends over
+    both; in a read-only pair the first image attends to its partner's keys and values only, so it can
+    take an appearance its prompt does not name only by reading it from the partner, the training-time
+    twin of key/value replacement. ``read_only=0`` draws exactly the batches of the first recipe.
+    """
+    if 2 * (pairs + read_only) > size:
+        raise ValueError(
+            f"{pairs} + {read_only} pairs need {2 * (pairs + read_only)} images; the batch holds {size}."
+        )
     scenes: list[world.Scene] = []
     ids: list[list[int]] = []
     partner: list[int] = []
-    for p in range(pairs):
+    sources: list[tuple[int, int]] = []
+    for p in range(pairs + read_only):
         first = world.random_scene(gen)
         others = [q for q in world.POSITIONS if q != first.position]
         second = world.random_scene(
@@ -54,6 +70,11 @@ def sample_batch(gen: torch.Generator, size: int, pairs: int) -> Batch:
             modes = ("empty", "empty")
         else:
             modes = (_mode(gen, 0.0, 0.75), _mode(gen, 0.0, 0.25))
+        a, b = 2 * p, 2 * p + 1
+        if p < pairs:
+            sources += [(a, b), (b, a)]
+        else:
+            sources += [(b, b), (b, b)]
         for j, (scene, mode) in enumerate(zip((first, second), modes, strict=True)):
             scenes.append(scene)
             ids.append(_prompt(scene, mode))
@@ -62,9 +83,12 @@ def sample_batch(gen: torch.Generator, size: int, pairs: int) -> Batch:
         scene = world.random_scene(gen)
         scenes.append(scene)
         ids.append(_prompt(scene, _mode(gen, 0.1, 0.35)))
+        sources.append((len(partner), len(partner)))
         partner.append(-1)
     rgb = torch.stack([world.render(s) for s in scenes])
-    return Batch(world.rgb_to_latent(rgb), mw_model.pad_ids(ids), torch.tensor(partner), scenes)
+    return Batch(
+        world.rgb_to_latent(rgb), mw_model.pad_ids(ids), torch.tensor(partner), scenes, torch.tensor(sources)
+    )
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -79,23 +103,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(b, n, c)
 
 
+def sourced_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sources: torch.Tensor
+) -> torch.Tensor:
+    """Each row's queries attend over the keys/values of the two rows ``sources[row]`` names.
+
+    A row whose two sources are one and the same row sees each of that row's keys twice with equal
+    weight, which is exactly plain attention to that row.
+    """
+    return attention(
+        q,
+        torch.cat([k[sources[:, 0]], k[sources[:, 1]]], dim=1),
+        torch.cat([v[sources[:, 0]], v[sources[:, 1]]], dim=1),
+        heads,
+    )
+
+
 def joint_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, partner: torch.Tensor
 ) -> torch.Tensor:
     """Self-attention of each row over its own tokens and its partner's ([B, N, C] in and out).
 
-    A row whose partner is itself (single scenes) sees every key twice with equal weight, which is
-    exactly plain self-attention.
+    A row whose partner is -1 (single scenes) is its own partner, which is plain self-attention.
     """
-    idx = torch.where(partner >= 0, partner, torch.arange(len(partner), device=partner.device))
-    return attention(q, torch.cat([k, k[idx]], dim=1), torch.cat([v, v[idx]], dim=1), heads)
+    own = torch.arange(len(partner), device=partner.device)
+    return sourced_attention(q, k, v, heads, torch.stack([own, torch.where(partner >= 0, partner, own)], 1))
 
 
-def pair_attention_options(partner: torch.Tensor) -> dict:
-    """``transformer_options`` whose attn1 replacement makes decoder self-attention pair-joint."""
+def pair_attention_options(sources: torch.Tensor) -> dict:
+    """``transformer_options`` whose attn1 replacement makes decoder self-attention read ``sources``."""
 
     def replace(q, k, v, extra_options):
-        return joint_attention(q, k, v, extra_options["n_heads"], partner)
+        return sourced_attention(q, k, v, extra_options["n_heads"], sources)
 
     return {"patches_replace": {"attn1": {("output", i): replace for i in DECODER_BLOCKS}}}
 
