@@ -28,12 +28,17 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
+WEIGHTS = REPO / "scripts" / "miniworld" / "weights"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--out", type=Path, default=REPO / "scripts" / "miniworld" / "weights" / "miniworld.safetensors"
+        "--out",
+        type=Path,
+        default=WEIGHTS / "miniworld-trained.safetensors",
+        help="where to save; the default sits beside the shipped model without replacing it, so the "
+        "benchmark and evaluation scripts can read it with --weights miniworld-trained.safetensors",
     )
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--minutes", type=float, default=85.0, help="stop (and save) after this wall time")

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 from miniworld import world  # noqa: E402
-from miniworld.training import joint_attention, sample_batch  # noqa: E402
+from miniworld.training import attention, joint_attention, sample_batch, sourced_attention  # noqa: E402
 
 
 def test_latent_map_is_standardised_and_inverts_exactly():
@@ -87,3 +87,42 @@ def test_training_batches_pair_one_subject_at_two_positions():
         assert batch.scenes[i].subject == batch.scenes[j].subject
         assert batch.scenes[i].position != batch.scenes[j].position
     assert (batch.partner[8:] == -1).all()
+
+
+def test_read_only_pairs_read_their_partner_only_and_leave_the_first_recipe_unchanged():
+    plain = sample_batch(torch.Generator().manual_seed(3), 16, 3)
+    mixed = sample_batch(torch.Generator().manual_seed(3), 16, 3, 2)
+    # read_only=0: every row reads (itself, its partner or itself), the joint attention of the first recipe
+    own = torch.arange(16)
+    assert torch.equal(
+        plain.sources, torch.stack([own, torch.where(plain.partner >= 0, plain.partner, own)], 1)
+    )
+    # the joint pairs are drawn first, from the same random stream
+    assert torch.equal(mixed.latents[:6], plain.latents[:6]) and torch.equal(
+        mixed.sources[:6], plain.sources[:6]
+    )
+    for first in (6, 8):  # the two read-only pairs
+        second = first + 1
+        assert batch_pair(mixed, first, second)
+        assert mixed.sources[first].tolist() == [second, second]
+        assert mixed.sources[second].tolist() == [second, second]
+    assert (mixed.partner[10:] == -1).all() and torch.equal(mixed.sources[10:, 0], own[10:])
+    # what a read-only row computes: plain attention of its queries to the partner's keys and values
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(16, 12, 8) for _ in range(3))
+    out = sourced_attention(q, k, v, 2, mixed.sources)
+    assert torch.allclose(out[6], attention(q[6:7], k[7:8], v[7:8], 2)[0], atol=1e-6)
+    assert torch.allclose(out[7], attention(q[7:8], k[7:8], v[7:8], 2)[0], atol=1e-6)
+    assert not torch.allclose(out[6], attention(q[6:7], k[6:7], v[6:7], 2)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="pairs need 18 images"):
+        sample_batch(torch.Generator().manual_seed(3), 16, 6, 3)
+
+
+def batch_pair(batch, i: int, j: int) -> bool:
+    """Rows ``i`` and ``j`` are partners showing one subject at two positions."""
+    return (
+        int(batch.partner[i]) == j
+        and int(batch.partner[j]) == i
+        and batch.scenes[i].subject == batch.scenes[j].subject
+        and batch.scenes[i].position != batch.scenes[j].position
+    )

@@ -5,12 +5,12 @@ stock sampler bit for bit (while strength 1 changes the image)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+import comfy_env
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+sys.path.insert(0, str(comfy_env.REPO / "scripts"))
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +68,20 @@ def test_strength_zero_is_the_stock_sampler_bit_for_bit(mw, dm, sample):
     assert not torch.equal(full, base)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_training_script_runs_and_saves_loadable_weights(tmp_path, precision):
+@pytest.mark.parametrize(("precision", "read_only"), [("bf16", 1), ("fp32", 0)])
+def test_training_script_runs_and_saves_loadable_weights(tmp_path, precision, read_only):
     """Two tiny steps of ``make train-miniworld`` in a subprocess: the loop, the log and the saved file
-    work in both precisions, and the file records its recipe by names only."""
+    work in both precisions, with and without read-only pairs, and the file records its recipe by
+    names only."""
     import json
     import subprocess
 
     from safetensors import safe_open
 
-    repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "tiny.safetensors"
-    cmd = [sys.executable, str(repo / "scripts" / "train_miniworld.py"), "--out", str(out), "--steps", "2",
-           "--batch", "4", "--pairs", "1", "--precision", precision]
+    cmd = [sys.executable, str(comfy_env.REPO / "scripts" / "train_miniworld.py"), "--out", str(out),
+           "--steps", "2", "--batch", "6", "--pairs", "1", "--read-only-pairs", str(read_only),
+           "--precision", precision]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with safe_open(str(out), "pt") as f:
@@ -89,6 +90,7 @@ def test_training_script_runs_and_saves_loadable_weights(tmp_path, precision):
         assert f.get_tensor(keys[0]).dtype == torch.float16
     recipe = json.loads(meta["recipe"])
     assert meta["steps"] == "2" and recipe["precision"] == precision and recipe["out"] == out.name
+    assert recipe["read_only_pairs"] == str(read_only)
     assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text.") for k in keys)
     rows = (tmp_path / "tiny.log.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 3
