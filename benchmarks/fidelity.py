@@ -13,6 +13,10 @@ and the stock KSampler (ComfyUI's own ``common_ksampler``) samples the target wi
 * ``ama``           AMA Model Patch at its defaults, no foreground mask;
 * ``ama-mask``      the same with the subject's cross-attention mask (the shape word is the subject);
 * ``ama-mg-fast`` / ``ama-mg-exact``  the Matching Guidance Sampler on the ``ama-mask`` model;
+* ``prompted`` (only when named in ``--methods``, not a method): the target prompt with the reference's
+  colour and texture words put in front, so the model is *told* the appearance. How often it then draws
+  the exact colour set is a ceiling for every method that has to take the appearance from the
+  reference instead of the prompt;
 * ablations of ``ama`` (one setting changed each): ``ama-pca16`` (PCA size 16 instead of every channel),
   ``ama-pca16-lowrank`` (the same with the low-rank PCA solver; at the default size the model's 64 and
   128 channels leave the solver no room, so it would equal ``ama`` exactly), ``ama-layers-all`` (the
@@ -55,6 +59,8 @@ MEASURES = (
     "centroid_shift_px",
     "position_ok",
 )
+#: accepted by ``--methods`` but not run by default
+OPTIONAL = ("prompted",)
 AMA_LAYERS = (6, 7, 8, 9, 10, 11)  # the "paper" preset on the SD1.5 layout (the two finest decoder levels)
 
 
@@ -275,9 +281,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHODS + OPTIONAL]
     if bad or "baseline" not in methods:
-        ap.error(f"--methods must include baseline and come from {METHODS}; got {bad or methods}")
+        ap.error(f"--methods must include baseline and come from {METHODS + OPTIONAL}; got {bad or methods}")
     cases = load_cases(args.cases)[: args.max_cases or None]
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -313,6 +319,7 @@ def main() -> int:
             target_text = " ".join(case["target"])
             shape = next(w for w in case["target"] if w in world.SHAPES)
             pos = runner.encode(target_text)
+            told = runner.encode(" ".join([*r["colours"], r["texture"], *case["target"]]))
             models = runner.models(ref, target_text, shape)
             for si, seed in enumerate(case["seeds"]):
                 images = {}
@@ -320,6 +327,8 @@ def main() -> int:
                 for m in methods:
                     if m == "baseline":
                         lat = runner.sample(runner.model, seed, pos)
+                    elif m == "prompted":
+                        lat = runner.sample(runner.model, seed, told)
                     elif m.startswith("ama-mg-"):
                         lat = runner.guided(
                             models["ama-mask"], ref, seed, pos, m.split("-")[-1], models["_match"]
