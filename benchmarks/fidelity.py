@@ -319,7 +319,8 @@ def main() -> int:
             target_text = " ".join(case["target"])
             shape = next(w for w in case["target"] if w in world.SHAPES)
             pos = runner.encode(target_text)
-            told = runner.encode(" ".join([*r["colours"], r["texture"], *case["target"]]))
+            if "prompted" in methods:
+                told = runner.encode(" ".join([*r["colours"], r["texture"], *case["target"]]))
             models = runner.models(ref, target_text, shape)
             for si, seed in enumerate(case["seeds"]):
                 images = {}

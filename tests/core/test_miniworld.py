@@ -82,10 +82,7 @@ def test_training_batches_pair_one_subject_at_two_positions():
     batch = sample_batch(torch.Generator().manual_seed(1), 12, 4)
     assert batch.latents.shape == (12, 4, world.SIZE, world.SIZE)
     for i in range(8):
-        j = int(batch.partner[i])
-        assert int(batch.partner[j]) == i
-        assert batch.scenes[i].subject == batch.scenes[j].subject
-        assert batch.scenes[i].position != batch.scenes[j].position
+        assert batch_pair(batch, i, int(batch.partner[i]))
     assert (batch.partner[8:] == -1).all()
 
 
