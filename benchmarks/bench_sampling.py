@@ -159,6 +159,45 @@ def make_cond(seed: int, layout: str = "narrow", size: int = 256) -> list:
     return [[torch.randn(1, 77, ctx, generator=g), extra]]
 
 
+class Scenario:
+    """The inputs every sampling benchmark feeds a model: a reference latent to invert, the target latent,
+    seeded conditionings (target positive and negative, reference positive) and the subject match.
+
+    WHY one place: ``make bench`` and ``make syncs`` must measure the same sampling, so they build it
+    here rather than each keeping a copy that could drift.
+    """
+
+    def __init__(self, pack: str, layout: str = "narrow", size: int = 256, batch: int = 1) -> None:
+        import torch
+
+        lat = size // 8
+        gen = torch.Generator().manual_seed(1)
+        self.pack = pack
+        self.ref_latent = {"samples": torch.randn(1, 4, lat, lat, generator=gen) * 0.8}
+        self.target = {"samples": torch.zeros(batch, 4, lat, lat)}
+        self.positive, self.negative, self.ref_positive = (make_cond(s, layout, size) for s in (2, 3, 4))
+        self.match = _dm(pack, "nodes.config").MatchConfig(subject="sks dog", subject_tokens=(4, 5))
+
+    def sample(self, model, steps: int, latent=None):
+        """Stock ``comfy.sample.sample``: DDIM, ``ddim_uniform``, cfg 7.5, seed 0."""
+        import comfy.sample
+
+        x = self.target["samples"] if latent is None else latent
+        noise = comfy.sample.prepare_noise(x, 0)
+        return comfy.sample.sample(model, noise, steps, 7.5, "ddim", "ddim_uniform", self.positive,
+                                   self.negative, x, seed=0, disable_pbar=True)
+
+    def guided(self, patched, reference, steps: int, mode: str):
+        """The Matching Guidance Sampler on ``patched`` at λg 50, same settings as :meth:`sample`."""
+        guidance = _dm(self.pack, "nodes.node_guidance").MatchingGuidanceSampler
+        return guidance.execute(patched, reference, 0, steps, 7.5, "ddim_uniform", self.positive,
+                                self.negative, self.target, 1.0, 50.0, 0.08, 1.0, mode, match=self.match)
+
+
+def _dm(pack: str, sub: str):
+    return importlib.import_module(f"{pack}.{sub}")
+
+
 class PeakMemory:
     """Peak memory above the level at ``__enter__`` (CUDA allocator, or sampled RSS on CPU)."""
 
@@ -212,18 +251,15 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
     """
     import torch
 
-    dm = lambda sub: importlib.import_module(f"{pack}.{sub}")  # noqa: E731
-    import comfy.sample
+    dm = lambda sub: _dm(pack, sub)  # noqa: E731
 
     if model is None:
         model = build_model(width, seed, layout, dtype, build_on_device)
     lat = size // 8
-    gen = torch.Generator().manual_seed(1)
-    ref_latent = {"samples": torch.randn(1, 4, lat, lat, generator=gen) * 0.8}
-    tgt_latent = {"samples": torch.zeros(batch, 4, lat, lat)}
-    pos, neg, ref_pos = (make_cond(s, layout, size) for s in (2, 3, 4))
+    sc = Scenario(pack, layout, size, batch)
+    ref_latent, tgt_latent, match = sc.ref_latent, sc.target, sc.match
+    pos, neg, ref_pos = sc.positive, sc.negative, sc.ref_positive
     config = dm("nodes.config")
-    match = config.MatchConfig(subject="sks dog", subject_tokens=(4, 5))
     cuda = torch.cuda.is_available() and model.load_device.type == "cuda"
 
     results: dict[str, dict] = {}
@@ -283,10 +319,7 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
                                        cfg=1.0)[0]
 
     def plain_sample(m, x=None):
-        x = tgt_latent["samples"] if x is None else x
-        noise = comfy.sample.prepare_noise(x, 0)
-        out_holder["out"] = comfy.sample.sample(m, noise, steps, 7.5, "ddim", "ddim_uniform", pos, neg, x,
-                                                seed=0, disable_pbar=True)
+        out_holder["out"] = sc.sample(m, steps, x)
 
     def do_vanilla():
         plain_sample(model)
@@ -309,15 +342,12 @@ def measure(pack: str, width=320, size=256, steps=10, repeats=2, batch=1, *, lay
         lowrank = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match,
                                               features=config.feature_config(pca_solver="lowrank"))
         banked = dm("nodes.ama").patch_model(model, ref, 1.0, 0.08, 1.0, match=match, bank_mib=BANK_MIB)
-    guidance = dm("nodes.node_guidance").MatchingGuidanceSampler
 
     def do_ama():
         plain_sample(patched)
 
     def do_mg(mode):
-        out = guidance.execute(patched, ref, 0, steps, 7.5, "ddim_uniform", pos, neg, tgt_latent, 1.0, 50.0,
-                               0.08, 1.0, mode, match=match)
-        out_holder["out"] = out[0]["samples"]
+        out_holder["out"] = sc.guided(patched, ref, steps, mode)[0]["samples"]
 
     samplers = (("ama", do_ama, False), ("ama-lowrank", lambda: plain_sample(lowrank), False),
                 ("ama-bank", lambda: plain_sample(banked), True),

@@ -210,19 +210,15 @@ def count_methods(pack: str, model, *, size: int, steps: int, layout: str = "nar
     "Per step" divides by the sampling steps actually taken: ``ddim_uniform`` makes 7 of a requested 6.
     """
     import bench_sampling as bs
-    import comfy.sample
     import comfy.samplers
 
     dm = lambda sub: importlib.import_module(f"{pack}.{sub}")  # noqa: E731
-    lat = size // 8
-    ref_latent = {"samples": torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(1)) * 0.8}
-    tgt = {"samples": torch.zeros(1, 4, lat, lat)}
-    pos, neg, ref_pos = (bs.make_cond(s, layout, size) for s in (2, 3, 4))
-    for cond in (pos, neg, ref_pos):  # ComfyUI keeps CONDITIONING tensors in host memory on a GPU run
+    sc = bs.Scenario(pack, layout, size)
+    for cond in (sc.positive, sc.negative, sc.ref_positive):  # ComfyUI keeps CONDITIONING in host memory
         for t in tree_flatten(cond)[0]:
             if isinstance(t, torch.Tensor):
                 setattr(t, _HOST, True)
-    match = dm("nodes.config").MatchConfig(subject="sks dog", subject_tokens=(4, 5))
+    match = sc.match
     counter = HostReadCounter(pack_roots(pack))
     counter.recording = False  # inversion and warm-ups run under the mode so host tensors get marked
     rows = []
@@ -231,22 +227,18 @@ def count_methods(pack: str, model, *, size: int, steps: int, layout: str = "nar
     with counter:
         with torch.inference_mode():
             invert = dm("nodes.node_invert").InvertReference
-            ref = invert.execute(model, ref_latent, ref_pos, steps=steps)[0]
+            ref = invert.execute(model, sc.ref_latent, sc.ref_positive, steps=steps)[0]
         ama = dm("nodes.ama")
         patched = ama.patch_model(model, ref, 1.0, 0.08, 1.0, match=match)
         banked = ama.patch_model(model, ref, 1.0, 0.08, 1.0, match=match, bank_mib=bs.BANK_MIB)
-        guidance = dm("nodes.node_guidance").MatchingGuidanceSampler
 
         def sample(m):
-            noise = comfy.sample.prepare_noise(tgt["samples"], 0)
             with torch.inference_mode():
-                comfy.sample.sample(m, noise, steps, 7.5, "ddim", "ddim_uniform", pos, neg, tgt["samples"],
-                                    seed=0, disable_pbar=True)
+                sc.sample(m, steps)
 
         def mg(mode):
             with torch.inference_mode():
-                guidance.execute(patched, ref, 0, steps, 7.5, "ddim_uniform", pos, neg, tgt, 1.0, 50.0,
-                                 0.08, 1.0, mode, match=match)
+                sc.guided(patched, ref, steps, mode)
 
         runs = {"vanilla": lambda: sample(model), "ama": lambda: sample(patched),
                 "ama-bank": lambda: sample(banked), "mg-fast": lambda: mg("fast"),
