@@ -135,6 +135,8 @@ class Runner:
 
         self.ksampler = comfy_nodes.common_ksampler
         self.model, self.clip = demo_nodes.load(weights)
+        #: the colours the model learned: references are rendered and images read in them
+        self.palette = demo_nodes.palette_of(weights)
         self.steps, self.cfg = steps, cfg
         self.empty = self.encode("")
 
@@ -226,16 +228,18 @@ class Runner:
         return out[0]["samples"]
 
 
-def measure_sample(rgb, ref_desc: dict, ref_rgb, base_desc: dict | None, target: list[str]) -> dict:
+def measure_sample(
+    rgb, ref_desc: dict, ref_rgb, base_desc: dict | None, target: list[str], palette: str
+) -> dict:
     from miniworld import measure, world
 
-    d = measure.describe(rgb)
+    d = measure.describe(rgb, palette)
     shape = next((w for w in target if w in world.SHAPES), None)
     position = next((w for w in target if w in world.POSITIONS), None)
     row = {
         "colour_set_ok": float(bool(d["colours"]) and d["colours"] == ref_desc["colours"]),
         "texture_ok": float(d["texture"] == ref_desc["texture"]),
-        "hist_dist": measure.hist_dist(rgb, d["mask"], ref_rgb, ref_desc["mask"]),
+        "hist_dist": measure.hist_dist(rgb, d["mask"], ref_rgb, ref_desc["mask"], palette),
         "shape_ok": float(d["shape"] == shape),
         "position_ok": float(d["position"] == position) if position else float("nan"),
         # what the classifiers read, kept so that a failure can be explained from the JSON alone
@@ -277,9 +281,11 @@ def run_pairs(runner: Runner, pairs: int, seed0: int, log) -> dict:
         seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
         for name, m in variants.items():
             rgb = world.latent_to_rgb(runner.sample(m, seed, cond, batch=2).float())
-            da, db = measure.describe(rgb[0]), measure.describe(rgb[1])
+            da, db = measure.describe(rgb[0], runner.palette), measure.describe(rgb[1], runner.palette)
             stats[name]["agree"].append(float(bool(da["colours"]) and da["colours"] == db["colours"]))
-            stats[name]["hist_dist"].append(measure.hist_dist(rgb[0], da["mask"], rgb[1], db["mask"]))
+            stats[name]["hist_dist"].append(
+                measure.hist_dist(rgb[0], da["mask"], rgb[1], db["mask"], runner.palette)
+            )
             subjects[name].append(((rgb[0], da["mask"]), (rgb[1], db["mask"])))
         log(
             f"  pair {i + 1}/{pairs} ({texts[0]} | {texts[1]}): "
@@ -303,7 +309,7 @@ def run_pairs(runner: Runner, pairs: int, seed0: int, log) -> dict:
     n = len(subjects["joint"])  # at least 2: main refuses --pairs 1
     gaps = {}
     for name, seen in subjects.items():
-        across = [measure.hist_dist(*seen[i][0], *seen[(i + 1) % n][1]) for i in range(n)]
+        across = [measure.hist_dist(*seen[i][0], *seen[(i + 1) % n][1], runner.palette) for i in range(n)]
         gaps[name] = pair_gap(stats[name]["hist_dist"], across)
     out["like_for_like"] = gaps
     out["pass"] = control_a_passes(gaps["joint"], gaps["joint-zero-values"])
@@ -362,8 +368,8 @@ def main() -> int:
                 world.Subject(r["shape"], r["texture"], tuple(r["colours"])),
                 r["position"],
             )
-            ref_rgb = world.render(scene)
-            ref_desc = measure.describe(ref_rgb)
+            ref_rgb = world.render(scene, palette=runner.palette)
+            ref_desc = measure.describe(ref_rgb, runner.palette)
             ref = runner.invert(world.rgb_to_latent(ref_rgb[None]), " ".join(scene.prompt()))
             target_text = " ".join(case["target"])
             shape = next(w for w in case["target"] if w in world.SHAPES)
@@ -386,9 +392,9 @@ def main() -> int:
                     else:
                         lat = runner.sample(models[m], seed, pos)
                     rgb = world.latent_to_rgb(lat.float().cpu())[0]
-                    row = measure_sample(rgb, ref_desc, ref_rgb, base_desc, case["target"])
+                    row = measure_sample(rgb, ref_desc, ref_rgb, base_desc, case["target"], runner.palette)
                     if m == "baseline":
-                        base_desc = measure.describe(rgb)
+                        base_desc = measure.describe(rgb, runner.palette)
                     row.update(case=ci, seed=seed)
                     rows[m].append(row)
                     images[m] = rgb
@@ -428,6 +434,7 @@ def main() -> int:
             "sampler": "ddim",
             "scheduler": "ddim_uniform",
             "weights": args.weights,
+            "palette": runner.palette,
         },
         "seconds": round(time.time() - t_start, 1),
         "samples": rows,

@@ -42,6 +42,7 @@ def main() -> int:
     from miniworld import demo_nodes, measure, world
 
     model, clip = demo_nodes.load(args.weights)
+    palette = demo_nodes.palette_of(args.weights)  # read the colours the model learned
 
     def encode(text: str) -> list:
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
@@ -63,7 +64,7 @@ def main() -> int:
             seed=seed,
             disable_pbar=True,
         )
-        return measure.describe(world.latent_to_rgb(out.float())[0])
+        return measure.describe(world.latent_to_rgb(out.float())[0], palette)
 
     gen = torch.Generator().manual_seed(args.seed)
     hits: dict[str, list[float]] = {k: [] for k in ("shape", "position", "texture", "colours")}
@@ -94,6 +95,7 @@ def main() -> int:
         "sampler": "ddim",
         "scheduler": "ddim_uniform",
         "weights": args.weights,
+        "palette": palette,
     }
     text = json.dumps(figures, indent=1)
     print(text)

@@ -32,6 +32,8 @@ WEIGHTS = REPO / "scripts" / "miniworld" / "weights"
 
 
 def main() -> int:
+    from miniworld import world  # pure torch: the vocabulary and palettes, before ComfyUI is on the path
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--out",
@@ -61,6 +63,13 @@ def main() -> int:
         default="bf16",
         help="bf16: autocast the forward pass to bfloat16 (fp32 weights, optimiser and loss); about 1.5x "
         "faster on CPUs with bf16 matrix units and on CUDA. fp32: the recipe of the first shipped model",
+    )
+    ap.add_argument(
+        "--palette",
+        choices=sorted(world.PALETTES),
+        default=world.DEFAULT_PALETTE,
+        help="the RGB values of the colour words (docs/miniworld.md); recorded in the weights, which "
+        "the benchmark and evaluation scripts read",
     )
     args = ap.parse_args()
 
@@ -107,7 +116,7 @@ def main() -> int:
         )
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = training.sample_batch(gen, args.batch, args.pairs, args.read_only_pairs)
+        batch = training.sample_batch(gen, args.batch, args.pairs, args.read_only_pairs, args.palette)
         x0 = batch.latents.to(device)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         t[batch.partner >= 0] = t[batch.partner[batch.partner >= 0]]  # pair partners share the noise level

@@ -55,6 +55,30 @@ def weight_files() -> list[str]:
     return sorted(p.name for p in WEIGHTS.glob("*.safetensors")) or ["(no weights: run make train-miniworld)"]
 
 
+def _weights_path(name: str) -> Path:
+    path = WEIGHTS / name
+    if not path.is_file() or path.parent != WEIGHTS:
+        raise ValueError(
+            f"No miniworld weights '{name}' in {WEIGHTS}; run `make train-miniworld` or pick "
+            f"one of {weight_files()}."
+        )
+    return path
+
+
+def palette_of(name: str) -> str:
+    """The palette a weights file was trained with (its metadata; files written before palettes: v1).
+
+    WHY it matters: the benchmark renders references and reads colours in this palette, so that a
+    model is always shown and scored in the colours it learned.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(_weights_path(name)), framework="pt") as f:
+        palette = (f.metadata() or {}).get("palette", world.DEFAULT_PALETTE)
+    world.palette_colours(palette)  # an unknown name fails here, clearly
+    return palette
+
+
 def load(name: str):
     """``(ModelPatcher, WordCLIP)`` from a trained weights file in ``weights/``."""
     import comfy.model_management as mm
@@ -63,13 +87,7 @@ def load(name: str):
 
     from . import model as mw_model
 
-    path = WEIGHTS / name
-    if not path.is_file() or path.parent != WEIGHTS:
-        raise ValueError(
-            f"No miniworld weights '{name}' in {WEIGHTS}; run `make train-miniworld` or pick "
-            f"one of {weight_files()}."
-        )
-    sd = load_file(str(path))
+    sd = load_file(str(_weights_path(name)))
     base = mw_model.build_base_model("cpu")
     unet_sd = {k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")}
     base.diffusion_model.load_state_dict(unet_sd)

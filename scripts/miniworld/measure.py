@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
 
 from . import world
 
-#: Palette colours as a [8, 3] tensor, in :data:`world.COLOURS` order (the label ids).
-PALETTE = torch.tensor([world.COLOURS[name] for name in world.COLOUR_NAMES], dtype=torch.float32)
+
+@cache
+def palette_tensor(palette: str = world.DEFAULT_PALETTE) -> torch.Tensor:
+    """A named palette as a [8, 3] tensor in :data:`world.COLOUR_NAMES` order (the label ids).
+
+    Every colour reading takes the palette's name: the one the measured model was trained on.
+    """
+    colours = world.palette_colours(palette)
+    return torch.tensor([colours[name] for name in world.COLOUR_NAMES], dtype=torch.float32)
 
 FOREGROUND_DIST = 0.18  #: RGB distance from the background beyond which a pixel is foreground
 MIN_AREA = 4  #: a foreground component smaller than this is a speck of noise, not a subject
@@ -129,14 +136,16 @@ def core_mask(mask: torch.Tensor) -> torch.Tensor:
 
 # --- colours ------------------------------------------------------------------------------------------
 
-def palette_distances(rgb: torch.Tensor) -> torch.Tensor:
+def palette_distances(rgb: torch.Tensor, palette: str = world.DEFAULT_PALETTE) -> torch.Tensor:
     """Euclidean RGB distance of every pixel to every palette colour, [8, H, W]."""
-    return (rgb.float().unsqueeze(0) - PALETTE.to(rgb.device).view(-1, 3, 1, 1)).norm(dim=1)
+    return (rgb.float().unsqueeze(0) - palette_tensor(palette).to(rgb.device).view(-1, 3, 1, 1)).norm(dim=1)
 
 
-def palette_labels(rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def palette_labels(
+    rgb: torch.Tensor, mask: torch.Tensor, palette: str = world.DEFAULT_PALETTE
+) -> torch.Tensor:
     """Nearest palette colour id per pixel (:data:`world.COLOUR_NAMES` order), -1 outside the mask."""
-    labels = palette_distances(rgb).argmin(dim=0)
+    labels = palette_distances(rgb, palette).argmin(dim=0)
     return torch.where(mask.bool(), labels, torch.full_like(labels, -1))
 
 
@@ -172,7 +181,7 @@ def _closest_on_triangles(p: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor,
     return (dist.gather(0, best)[0], cands_s.gather(0, best)[0], cands_u.gather(0, best)[0], s_in, u_in)
 
 
-def colour_fit(rgb: torch.Tensor, mask: torch.Tensor) -> dict:
+def colour_fit(rgb: torch.Tensor, mask: torch.Tensor, palette: str = world.DEFAULT_PALETTE) -> dict:
     """Unmix the subject's core pixels into palette colours.
 
     WHY a mixture model rather than nearest-colour votes: a pattern's edges, antialiasing and blur give
@@ -198,8 +207,9 @@ def colour_fit(rgb: torch.Tensor, mask: torch.Tensor) -> dict:
         return out
     pix = img[:, core].T  # [n, 3]
     bg = background_colour(img)
-    pa = PALETTE[[a for a, _ in _PAIRS]]
-    pb = PALETTE[[b for _, b in _PAIRS]]
+    table = palette_tensor(palette)
+    pa = table[[a for a, _ in _PAIRS]]
+    pb = table[[b for _, b in _PAIRS]]
     sigma = noise_level(img)
     cap, explained = max(FIT_CAP, 4.0 * sigma), max(EXPLAINED, 3.5 * sigma)
     dist, wa, wb, sa, sb = _closest_on_triangles(pix, bg.expand_as(pa), pa, pb)
@@ -217,7 +227,7 @@ def colour_fit(rgb: torch.Tensor, mask: torch.Tensor) -> dict:
     keep = (d < explained) & (wa + wb >= 0.3)
     mass[a] += float(sa[keep].sum().clamp_min(0))
     mass[b] += float(sb[keep].sum().clamp_min(0))
-    near = palette_distances(pix.T.unsqueeze(-1))[:, :, 0]  # [8, n]
+    near = palette_distances(pix.T.unsqueeze(-1), palette)[:, :, 0]  # [8, n]
     nearest_d, nearest = near.min(dim=0)
     other = (d >= explained) & (nearest_d < explained)
     mass += torch.bincount(nearest[other], minlength=n_col).float()
@@ -233,36 +243,40 @@ def colour_fit(rgb: torch.Tensor, mask: torch.Tensor) -> dict:
     return out
 
 
-def colour_shares(rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def colour_shares(
+    rgb: torch.Tensor, mask: torch.Tensor, palette: str = world.DEFAULT_PALETTE
+) -> torch.Tensor:
     """Soft share [8] of each palette colour in the subject (see :func:`colour_fit`); zeros if empty."""
-    return colour_fit(rgb, mask)["shares"]
+    return colour_fit(rgb, mask, palette)["shares"]
 
 
-def colour_set(rgb: torch.Tensor, mask: torch.Tensor, min_share: float = MIN_SHARE) -> frozenset[str]:
+def colour_set(rgb: torch.Tensor, mask: torch.Tensor, min_share: float = MIN_SHARE,
+               palette: str = world.DEFAULT_PALETTE) -> frozenset[str]:
     """Palette colours covering at least ``min_share`` of the subject (its core, by :func:`colour_shares`).
 
     ``min_share`` below ``PRUNE`` cannot bring back a fitted colour the fit pruned as noise.
     """
-    return _names_over(colour_shares(rgb, mask), min_share)
+    return _names_over(colour_shares(rgb, mask, palette), min_share)
 
 
 def _names_over(shares: torch.Tensor, min_share: float) -> frozenset[str]:
     """Names of the palette colours whose share reaches ``min_share``."""
-    return frozenset(world.COLOUR_NAMES[i] for i in range(len(PALETTE)) if float(shares[i]) >= min_share)
+    return frozenset(name for i, name in enumerate(world.COLOUR_NAMES) if float(shares[i]) >= min_share)
 
 
-def colour_hist(rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def colour_hist(rgb: torch.Tensor, mask: torch.Tensor, palette: str = world.DEFAULT_PALETTE) -> torch.Tensor:
     """Normalised histogram [8] of the subject's palette colours (soft shares; all zeros if empty)."""
-    return colour_shares(rgb, mask)
+    return colour_shares(rgb, mask, palette)
 
 
-def hist_dist(rgb_a: torch.Tensor, mask_a: torch.Tensor, rgb_b: torch.Tensor, mask_b: torch.Tensor) -> float:
+def hist_dist(rgb_a: torch.Tensor, mask_a: torch.Tensor, rgb_b: torch.Tensor, mask_b: torch.Tensor,
+              palette: str = world.DEFAULT_PALETTE) -> float:
     """1 - histogram intersection of the two subjects' palette histograms: 0 identical, 1 disjoint.
 
     WHY intersection: it is bounded, symmetric and reads as "the share of colour the two subjects have
     in common"; an empty subject shares nothing, so it is at distance 1 from everything.
     """
-    ha, hb = colour_hist(rgb_a, mask_a), colour_hist(rgb_b, mask_b)
+    ha, hb = colour_hist(rgb_a, mask_a, palette), colour_hist(rgb_b, mask_b, palette)
     if ha.sum() == 0 or hb.sum() == 0:
         return 1.0
     return float((1.0 - torch.minimum(ha, hb).sum()).clamp(0, 1))
@@ -297,20 +311,21 @@ def _corr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 1e-8, (y @ x) / den.clamp_min(1e-8), torch.zeros_like(den))
 
 
-def texture_scores(rgb: torch.Tensor, mask: torch.Tensor, fit: dict | None = None) -> dict[str, float]:
+def texture_scores(rgb: torch.Tensor, mask: torch.Tensor, fit: dict | None = None,
+                   palette: str = world.DEFAULT_PALETTE) -> dict[str, float]:
     """Best |Pearson correlation| over phases between the subject's ink map and each world pattern.
 
     The ink map is every core pixel's position between the subject's two fitted colours
     (:func:`colour_fit`); WHY continuous: antialiased or blurred pattern edges then give intermediate
     values instead of wrong hard labels, which keeps the pattern's geometry for the correlation.
     """
-    return {t: v for t, (v, _) in _texture_matches(rgb, mask, fit).items()}
+    return {t: v for t, (v, _) in _texture_matches(rgb, mask, fit, palette).items()}
 
 
-def _texture_matches(rgb: torch.Tensor, mask: torch.Tensor,
-                     fit: dict | None) -> dict[str, tuple[float, torch.Tensor | None]]:
+def _texture_matches(rgb: torch.Tensor, mask: torch.Tensor, fit: dict | None,
+                     palette: str = world.DEFAULT_PALETTE) -> dict[str, tuple[float, torch.Tensor | None]]:
     """Per pattern: (best |correlation|, that template on the core pixels)."""
-    fit = fit if fit is not None else colour_fit(rgb, mask)
+    fit = fit if fit is not None else colour_fit(rgb, mask, palette)
     core = fit["core"]
     if int(core.sum()) < 4 or fit["pair"] is None:
         return {t: (0.0, None) for t in world.TEXTURES[1:]}
@@ -333,7 +348,8 @@ def _partial_corr(x: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor) -> float:
     return abs(r[0] - r[1] * r12) / den if den > 1e-6 else 0.0
 
 
-def texture_class(rgb: torch.Tensor, mask: torch.Tensor, fit: dict | None = None) -> str | None:
+def texture_class(rgb: torch.Tensor, mask: torch.Tensor, fit: dict | None = None,
+                  palette: str = world.DEFAULT_PALETTE) -> str | None:
     """One of :data:`world.TEXTURES`, or None for an empty mask.
 
     'solid' when one palette colour holds at least ``SOLID_SHARE`` of the subject's colour mass;
@@ -344,10 +360,10 @@ def texture_class(rgb: torch.Tensor, mask: torch.Tensor, fit: dict | None = None
     """
     if not bool(mask.any()):
         return None
-    fit = fit if fit is not None else colour_fit(rgb, mask)
+    fit = fit if fit is not None else colour_fit(rgb, mask, palette)
     if fit["pair"] is None or float(fit["shares"].max()) >= SOLID_SHARE:
         return "solid"  # one colour dominates, or no palette colour fits at all: no pattern to read
-    matches = _texture_matches(rgb, mask, fit)
+    matches = _texture_matches(rgb, mask, fit, palette)
     first, second = sorted(matches, key=lambda t: matches[t][0], reverse=True)[:2]
     t1, t2 = matches[first][1], matches[second][1]
     if t1 is None or t2 is None:
@@ -438,15 +454,15 @@ def position_class(mask: torch.Tensor, shape: str | None = None) -> str | None:
 
 # --- everything at once -------------------------------------------------------------------------------
 
-def describe(rgb: torch.Tensor) -> dict:
-    """All measurements of one image [3, H, W].
+def describe(rgb: torch.Tensor, palette: str = world.DEFAULT_PALETTE) -> dict:
+    """All measurements of one image [3, H, W], its colours read in ``palette`` (the model's).
 
     Returns {"mask", "colours", "texture", "shape", "position", "centroid", "area"}; for a blank image
     the mask is empty, area 0, colours empty, and texture/shape/position None (so they never score).
     """
     mask = subject_mask(rgb)
     shape = shape_class(mask)
-    fit = colour_fit(rgb, mask)
+    fit = colour_fit(rgb, mask, palette)
     return {
         "mask": mask,
         "colours": _names_over(fit["shares"], MIN_SHARE),

@@ -44,13 +44,16 @@ def _mode(gen: torch.Generator, p_empty: float, p_shape: float) -> str:
     return "empty" if u < p_empty else ("shape" if u < p_empty + p_shape else "full")
 
 
-def sample_batch(gen: torch.Generator, size: int, pairs: int, read_only: int = 0) -> Batch:
+def sample_batch(
+    gen: torch.Generator, size: int, pairs: int, read_only: int = 0, palette: str = world.DEFAULT_PALETTE
+) -> Batch:
     """``pairs`` joint pairs, then ``read_only`` read-only pairs, then single scenes.
 
     Every pair is one subject at two different positions. In a joint pair each image attends over
     both; in a read-only pair the first image attends to its partner's keys and values only, so it can
     take an appearance its prompt does not name only by reading it from the partner, the training-time
     twin of key/value replacement. ``read_only=0`` draws exactly the batches of the first recipe.
+    The palette changes only the colours' RGB values, never the random draws.
     """
     if 2 * (pairs + read_only) > size:
         raise ValueError(
@@ -85,7 +88,7 @@ def sample_batch(gen: torch.Generator, size: int, pairs: int, read_only: int = 0
         ids.append(_prompt(scene, _mode(gen, 0.1, 0.35)))
         sources.append((len(partner), len(partner)))
         partner.append(-1)
-    rgb = torch.stack([world.render(s) for s in scenes])
+    rgb = torch.stack([world.render(s, palette=palette) for s in scenes])
     return Batch(
         world.rgb_to_latent(rgb), mw_model.pad_ids(ids), torch.tensor(partner), scenes, torch.tensor(sources)
     )
@@ -152,6 +155,7 @@ def save(path: Path, ema: dict, text: torch.nn.Module, steps: int, seconds: floa
         # paths by name only: the file must not record the training machine's folders
         "recipe": json.dumps({k: (v.name if isinstance(v, Path) else str(v)) for k, v in vars(args).items()}),
         "vocab": json.dumps(list(world.VOCAB)),
+        "palette": getattr(args, "palette", world.DEFAULT_PALETTE),
     }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)

@@ -19,16 +19,35 @@ SIZE = 32  #: image and latent side (the "VAE" keeps the resolution)
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 TEXTURES = ("solid", "stripes", "checker", "dots")
-COLOURS = {
-    "red": (0.90, 0.12, 0.10),
-    "green": (0.10, 0.68, 0.20),
-    "blue": (0.12, 0.25, 0.92),
-    "yellow": (0.96, 0.86, 0.10),
-    "purple": (0.58, 0.18, 0.75),
-    "orange": (1.00, 0.55, 0.05),
-    "cyan": (0.10, 0.80, 0.86),
-    "black": (0.07, 0.07, 0.07),
+#: Named palettes: the RGB value of every colour word. A model is trained and measured with one of
+#: them, recorded in its weights' metadata ("palette"); a file without that key uses "v1". WHY more
+#: than one: in "v1", orange sits 0.32 (RGB distance) from yellow and 0.44 from red, and models trained
+#: on it swap such neighbours; "v2" keeps the words and moves the values apart (smallest distance
+#: 0.52), which the sixth training tests (docs/miniworld.md). Both list the words in the same order.
+PALETTES: dict[str, dict[str, tuple[float, float, float]]] = {
+    "v1": {
+        "red": (0.90, 0.12, 0.10),
+        "green": (0.10, 0.68, 0.20),
+        "blue": (0.12, 0.25, 0.92),
+        "yellow": (0.96, 0.86, 0.10),
+        "purple": (0.58, 0.18, 0.75),
+        "orange": (1.00, 0.55, 0.05),
+        "cyan": (0.10, 0.80, 0.86),
+        "black": (0.07, 0.07, 0.07),
+    },
+    "v2": {
+        "red": (0.90, 0.02, 0.25),
+        "green": (0.05, 0.70, 0.10),
+        "blue": (0.05, 0.15, 0.95),
+        "yellow": (1.00, 1.00, 0.02),
+        "purple": (0.72, 0.02, 0.88),
+        "orange": (1.00, 0.48, 0.00),
+        "cyan": (0.00, 0.90, 0.95),
+        "black": (0.05, 0.05, 0.05),
+    },
 }
+DEFAULT_PALETTE = "v1"  #: the shipped model's palette, and the renderer node's
+COLOURS = PALETTES[DEFAULT_PALETTE]
 COLOUR_NAMES = tuple(COLOURS)
 #: Every word the text encoder knows, in token-id order (id 0 is padding).
 VOCAB = COLOUR_NAMES + TEXTURES + SHAPES + POSITIONS
@@ -170,12 +189,20 @@ def scene_centre(scene: Scene) -> tuple[float, float]:
     return ax + scene.dx, ay + scene.dy
 
 
-def render(scene: Scene, size: int = SIZE) -> torch.Tensor:
-    """RGB image [3, H, W] in [0, 1]: the subject on a plain light background."""
+def palette_colours(palette: str) -> dict[str, tuple[float, float, float]]:
+    """The colour table of a named palette (a clear error for an unknown name)."""
+    if palette not in PALETTES:
+        raise ValueError(f"Unknown miniworld palette '{palette}'; the palettes are {sorted(PALETTES)}.")
+    return PALETTES[palette]
+
+
+def render(scene: Scene, size: int = SIZE, palette: str = DEFAULT_PALETTE) -> torch.Tensor:
+    """RGB image [3, H, W] in [0, 1]: the subject on a plain light background, in ``palette``'s colours."""
+    colours = palette_colours(palette)
     cx, cy = scene_centre(scene)
     cover = shape_mask(scene.subject.shape, cx, cy, scene.radius, size)
     ink = texture_ink(scene.subject.texture, cx, cy, size)
-    cols = [torch.tensor(COLOURS[c]).view(3, 1, 1) for c in scene.subject.colours]
+    cols = [torch.tensor(colours[c]).view(3, 1, 1) for c in scene.subject.colours]
     base = cols[-1]
     subject_rgb = cols[0] * ink + base * (1 - ink) if len(cols) == 2 else cols[0].expand(3, size, size)
     bg = (torch.full((3, 1, 1), BACKGROUND) + torch.tensor(scene.tint).view(3, 1, 1)).expand(3, size, size)
@@ -223,10 +250,12 @@ def latent_to_rgb(latent: torch.Tensor) -> torch.Tensor:
     return torch.einsum("co,bohw->bchw", pinv, feats).clamp(0, 1)
 
 
-def latent_stats(n: int = 4096, seed: int = 0) -> tuple[list[float], list[float]]:
-    """Measure the per-channel statistics frozen in ``LATENT_MEAN``/``LATENT_STD``."""
+def latent_stats(
+    n: int = 4096, seed: int = 0, palette: str = DEFAULT_PALETTE
+) -> tuple[list[float], list[float]]:
+    """Measure the per-channel statistics frozen in ``LATENT_MEAN``/``LATENT_STD`` (palette "v1")."""
     gen = torch.Generator().manual_seed(seed)
-    imgs = torch.stack([render(random_scene(gen)) for _ in range(n)])
+    imgs = torch.stack([render(random_scene(gen), palette=palette) for _ in range(n)])
     feats = torch.einsum("oc,bchw->bohw", _encode_matrix(), imgs)
     return feats.mean((0, 2, 3)).tolist(), feats.std((0, 2, 3)).tolist()
 

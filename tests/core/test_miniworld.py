@@ -123,3 +123,38 @@ def batch_pair(batch, i: int, j: int) -> bool:
         and batch.scenes[i].subject == batch.scenes[j].subject
         and batch.scenes[i].position != batch.scenes[j].position
     )
+
+
+def test_palettes_change_colours_only():
+    subject = world.Subject("square", "stripes", ("orange", "blue"))
+    scene = world.random_scene(torch.Generator().manual_seed(4), subject)
+    v1, v2 = world.render(scene), world.render(scene, palette="v2")
+    assert torch.equal(v1, world.render(scene, palette=world.DEFAULT_PALETTE))
+    cover = world.render_mask(scene)
+    background, inside = cover == 0, cover > 0.99
+    assert torch.equal(v1[:, background], v2[:, background])
+    assert not torch.equal(v1[:, inside], v2[:, inside])
+    assert list(world.PALETTES["v2"]) == list(world.COLOUR_NAMES)
+    with pytest.raises(ValueError, match="v1"):
+        world.render(scene, palette="v9")
+    # the same draws whatever the palette: only the rendered colours differ
+    a = sample_batch(torch.Generator().manual_seed(2), 8, 2)
+    b = sample_batch(torch.Generator().manual_seed(2), 8, 2, palette="v2")
+    assert a.scenes == b.scenes and torch.equal(a.ids, b.ids) and not torch.equal(a.latents, b.latents)
+
+
+def test_weights_record_their_palette(tmp_path, monkeypatch):
+    from miniworld import demo_nodes
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(demo_nodes, "WEIGHTS", tmp_path)
+    tensor = {"x": torch.zeros(1)}
+    save_file(tensor, str(tmp_path / "old.safetensors"), metadata={"steps": "1"})
+    save_file(tensor, str(tmp_path / "new.safetensors"), metadata={"palette": "v2"})
+    save_file(tensor, str(tmp_path / "bad.safetensors"), metadata={"palette": "v9"})
+    assert demo_nodes.palette_of("old.safetensors") == "v1"  # written before palettes existed
+    assert demo_nodes.palette_of("new.safetensors") == "v2"
+    with pytest.raises(ValueError, match="palette"):
+        demo_nodes.palette_of("bad.safetensors")
+    with pytest.raises(ValueError, match="No miniworld weights"):
+        demo_nodes.palette_of("../new.safetensors")

@@ -168,3 +168,19 @@ def test_largest_component_and_geometry_helpers():
     assert measure.mask_iou(one, one) == 1.0
     assert measure.mask_iou(one, torch.roll(one, 1, 0)) == 0.0
     assert measure.mask_iou(one, torch.zeros_like(one)) == 0.0
+
+
+@pytest.mark.parametrize("palette", sorted(set(world.PALETTES) - {world.DEFAULT_PALETTE}))
+def test_other_palettes_read_as_accurately(scenes, palette):
+    """Every palette a model may be trained with is read as well as the default one, clean and degraded,
+    and a render read in the wrong palette is not (so the palette must follow the model)."""
+    gen = torch.Generator().manual_seed(1)
+    images = [world.render(s, palette=palette) for s in scenes]
+    for name, imgs, floor in (("clean", images, 0.98), ("degraded", [degrade(i, gen) for i in images], 0.95)):
+        hits = [measure.describe(img, palette)["colours"] == frozenset(s.subject.colours)
+                for s, img in zip(scenes, imgs, strict=True)]
+        print(f"\n{palette} {name}: colours {sum(hits) / len(hits):.3f}")
+        assert sum(hits) / len(hits) >= floor
+    wrong = [measure.describe(img)["colours"] == frozenset(s.subject.colours)
+             for s, img in zip(scenes[:50], images[:50], strict=True)]
+    assert sum(wrong) / len(wrong) < 0.95
