@@ -17,6 +17,9 @@ and the stock KSampler (ComfyUI's own ``common_ksampler``) samples the target wi
   colour and texture words put in front, so the model is *told* the appearance. How often it then draws
   the exact colour set is a ceiling for every method that has to take the appearance from the
   reference instead of the prompt;
+* ``kv-start0`` and ``kv-layers-all`` (only when named in ``--methods``): the two halves of the step
+  from ``kv`` to ``kv-all``, one changed each: AMA's layers at every step, and every decoder layer in
+  AMA's window. They say whether ``kv-all`` gains from the first step or from the coarse layers;
 * ablations of ``ama`` (one setting changed each): ``ama-pca16`` (PCA size 16 instead of every channel),
   ``ama-pca16-lowrank`` (the same with the low-rank PCA solver; at the default size the model's 64 and
   128 channels leave the solver no room, so it would equal ``ama`` exactly), ``ama-layers-all`` (the
@@ -61,7 +64,7 @@ MEASURES = (
     "position_ok",
 )
 #: accepted by ``--methods`` but not run by default
-OPTIONAL = ("prompted",)
+OPTIONAL = ("prompted", "kv-start0", "kv-layers-all")
 AMA_LAYERS = (6, 7, 8, 9, 10, 11)  # the "paper" preset on the SD1.5 layout (the two finest decoder levels)
 
 
@@ -193,6 +196,8 @@ class Runner:
         return {
             "kv": controls.kv_model(self.model, ref, AMA_LAYERS, hi, lo),
             "kv-all": controls.kv_model(self.model, ref, DECODER_BLOCKS, float("inf"), 0.0),
+            "kv-start0": controls.kv_model(self.model, ref, AMA_LAYERS, float("inf"), 0.0),
+            "kv-layers-all": controls.kv_model(self.model, ref, DECODER_BLOCKS, hi, lo),
             "ama": ablation(),
             "ama-mask": ama.patch_model(self.model, ref, 1.0, 0.08, 1.0, match=masked),
             "ama-pca16": ablation(features=config.feature_config(pca_dim=16)),
