@@ -13,7 +13,7 @@
 #   make bench-core  matching kernels vs a naive implementation
 #   make demo     ComfyUI with the pack and the miniature world's demo nodes; opens the demo workflow
 #   make fidelity a miniature Table 5 on the miniature world's model (FIDELITY_ARGS="--cases FILE --out DIR")
-#   make train-miniworld  train a model of the miniature world (1,200 steps or 85 min; CUDA if present);
+#   make train-miniworld  train a model of the miniature world (the shipped recipe: 1,850 steps or 75 min; CUDA if present);
 #                 writes weights/miniworld-trained.safetensors beside the shipped model
 #   make gpu-check   GPU parity, timing and peak VRAM (on a CUDA machine; writes $OUT or ./gpu-out)
 # COMFYUI_PATH=/path/to/ComfyUI make test|serve  uses another ComfyUI checkout.

@@ -153,7 +153,17 @@ class RenderSubject:
                         "tooltip": "Jitter, size and background tint of the scene.",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "palette": (
+                    sorted(world.PALETTES),
+                    {
+                        "default": world.SHIPPED_PALETTE,
+                        "tooltip": "The colour words' RGB values. Use the palette the model was trained "
+                        f"with: the shipped model's is {world.SHIPPED_PALETTE}.",
+                    },
+                ),
+            },
         }
 
     RETURN_TYPES = ("IMAGE", "LATENT", "STRING")
@@ -166,13 +176,13 @@ class RenderSubject:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
-    def run(self, shape, texture, colour_1, colour_2, position, seed):
+    def run(self, shape, texture, colour_1, colour_2, position, seed, palette=world.SHIPPED_PALETTE):
         colours = (colour_1,) if texture == "solid" else (colour_1, colour_2)
         if texture != "solid" and colour_2 == "none":
             raise ValueError(f"A {texture} subject needs colour_2 (the base under the pattern).")
         subject = world.Subject(shape, texture, colours)
         scene = world.random_scene(torch.Generator().manual_seed(int(seed)), subject, position)
-        rgb = world.render(scene)[None]
+        rgb = world.render(scene, palette=palette)[None]
         return (
             rgb.permute(0, 2, 3, 1).contiguous(),
             {"samples": world.rgb_to_latent(rgb)},

@@ -23,7 +23,8 @@ TEXTURES = ("solid", "stripes", "checker", "dots")
 #: them, recorded in its weights' metadata ("palette"); a file without that key uses "v1". WHY more
 #: than one: in "v1", orange sits 0.32 (RGB distance) from yellow and 0.44 from red, and models trained
 #: on it swap such neighbours; "v2" keeps the words and moves the values apart (smallest distance
-#: 0.52), which the sixth training tests (docs/miniworld.md). Both list the words in the same order.
+#: 0.52); the sixth training, the shipped model, learned it (docs/miniworld.md). Both list the words in
+#: the same order.
 PALETTES: dict[str, dict[str, tuple[float, float, float]]] = {
     "v1": {
         "red": (0.90, 0.12, 0.10),
@@ -46,7 +47,12 @@ PALETTES: dict[str, dict[str, tuple[float, float, float]]] = {
         "black": (0.05, 0.05, 0.05),
     },
 }
-DEFAULT_PALETTE = "v1"  #: the shipped model's palette, and the renderer node's
+#: The palette of a weights file that records none (every file written before palettes existed), and
+#: the default of the renderer and classifier functions below; callers that know a model pass its own.
+DEFAULT_PALETTE = "v1"
+#: The shipped model's palette (its metadata records it too): the renderer node's default and the
+#: training script's, so that a demo reference is drawn in the colours the shipped model learned.
+SHIPPED_PALETTE = "v2"
 COLOURS = PALETTES[DEFAULT_PALETTE]
 COLOUR_NAMES = tuple(COLOURS)
 #: Every word the text encoder knows, in token-id order (id 0 is padding).

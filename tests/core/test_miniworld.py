@@ -158,3 +158,24 @@ def test_weights_record_their_palette(tmp_path, monkeypatch):
         demo_nodes.palette_of("bad.safetensors")
     with pytest.raises(ValueError, match="No miniworld weights"):
         demo_nodes.palette_of("../new.safetensors")
+
+
+def test_render_node_draws_in_the_shipped_models_palette():
+    """The demo's reference must be drawn in the colours the shipped model learned: the renderer node's
+    default palette is the one the shipped weights record, and its palette input changes only colours."""
+    from miniworld import demo_nodes
+
+    assert demo_nodes.palette_of("miniworld.safetensors") == world.SHIPPED_PALETTE
+    node = demo_nodes.RenderSubject()
+    default = node.INPUT_TYPES()["optional"]["palette"]
+    assert default[1]["default"] == world.SHIPPED_PALETTE and set(default[0]) == set(world.PALETTES)
+    args = ("square", "stripes", "orange", "blue", "left", 3)
+    image, latent, prompt = node.run(*args)
+    scene = world.random_scene(
+        torch.Generator().manual_seed(3), world.Subject("square", "stripes", ("orange", "blue")), "left"
+    )
+    assert torch.equal(image[0].permute(2, 0, 1), world.render(scene, palette=world.SHIPPED_PALETTE))
+    assert torch.equal(latent["samples"], world.rgb_to_latent(image.permute(0, 3, 1, 2)))
+    other = next(p for p in world.PALETTES if p != world.SHIPPED_PALETTE)
+    assert not torch.equal(node.run(*args, palette=other)[0], image)
+    assert prompt == "orange blue stripes square left"

@@ -52,14 +52,15 @@ def test_demo_workflow_runs_and_each_method_changes_the_image(miniworld_server):
             __import__("torch").Generator().manual_seed(0),
             world.Subject("circle", "stripes", ("red", "yellow")),
             "left",
-        )
+        ),
+        palette=world.SHIPPED_PALETTE,  # the demo's renderer node draws in the shipped model's colours
     )
     for name, img in rgb.items():
-        d = measure.describe(img)
+        d = measure.describe(img, world.SHIPPED_PALETTE)
+        dist = measure.hist_dist(img, d["mask"], ref, measure.subject_mask(ref), world.SHIPPED_PALETTE)
         print(
             f"\n[demo] {name}: {d['shape']} at {d['position']}, colours {sorted(d['colours'])}, "
-            f"{d['texture']}, hist distance to the reference "
-            f"{measure.hist_dist(img, d['mask'], ref, measure.subject_mask(ref)):.2f}"
+            f"{d['texture']}, hist distance to the reference {dist:.2f}"
         )
 
 
