@@ -14,9 +14,10 @@ and the stock KSampler (ComfyUI's own ``common_ksampler``) samples the target wi
 * ``ama-mask``      the same with the subject's cross-attention mask (the shape word is the subject);
 * ``ama-mg-fast`` / ``ama-mg-exact``  the Matching Guidance Sampler on the ``ama-mask`` model;
 * ``prompted`` (only when named in ``--methods``, not a method): the target prompt with the reference's
-  colour and texture words put in front, so the model is *told* the appearance. How often it then draws
-  the exact colour set is a ceiling for every method that has to take the appearance from the
-  reference instead of the prompt;
+  colour and texture words put in front, so the model is *told* the appearance. It was added as a
+  ceiling for every method that has to take the appearance from the reference instead of the prompt;
+  on the shipped model it is none (told the colours, it draws the exact set less often than ``kv``
+  takes it);
 * ``kv-start0`` and ``kv-layers-all`` (only when named in ``--methods``): the two halves of the step
   from ``kv`` to ``kv-all``, one changed each: AMA's layers at every step, and every decoder layer in
   AMA's window. They say whether ``kv-all`` gains from the first step or from the coarse layers;
