@@ -1,8 +1,11 @@
-"""Write the development and held-out case files of ``make fidelity`` (seeded; run once, then frozen).
+"""Write the case files of ``make fidelity`` (seeded; each written once, then frozen).
 
 Each case: a random subject rendered at a random position as the reference, and a target prompt
 naming its shape at another position (no appearance words), with three sampling seeds. The held-out
-subjects are drawn from another seed and exclude every development subject.
+subjects are drawn from another seed and exclude every development subject. The second held-out set
+(``heldout2.json``, 32 cases) was added after the sixth training's held-out run to read control (b)
+on more samples; it is drawn from a third seed and excludes every subject of the other two sets, so
+the first two files come out byte for byte as they were (docs/miniworld.md, "A second held-out set").
 """
 
 from __future__ import annotations
@@ -56,8 +59,14 @@ def main() -> None:
         12,
         {(c["reference"]["shape"], c["reference"]["texture"], tuple(c["reference"]["colours"])) for c in dev},
     )
+    held2 = cases(
+        300,
+        32,
+        {(c["reference"]["shape"], c["reference"]["texture"], tuple(c["reference"]["colours"])) for c in dev + held},
+    )
     (HERE / "dev.json").write_text(json.dumps(dev, indent=1) + "\n")
     (HERE / "heldout.json").write_text(json.dumps(held, indent=1) + "\n")
+    (HERE / "heldout2.json").write_text(json.dumps(held2, indent=1) + "\n")
 
 
 if __name__ == "__main__":
