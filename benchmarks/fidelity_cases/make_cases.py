@@ -59,10 +59,11 @@ def main() -> None:
         12,
         {(c["reference"]["shape"], c["reference"]["texture"], tuple(c["reference"]["colours"])) for c in dev},
     )
+    earlier = dev + held
     held2 = cases(
         300,
         32,
-        {(c["reference"]["shape"], c["reference"]["texture"], tuple(c["reference"]["colours"])) for c in dev + held},
+        {(c["reference"]["shape"], c["reference"]["texture"], tuple(c["reference"]["colours"])) for c in earlier},
     )
     (HERE / "dev.json").write_text(json.dumps(dev, indent=1) + "\n")
     (HERE / "heldout.json").write_text(json.dumps(held, indent=1) + "\n")
