@@ -52,6 +52,11 @@ def cases(seed: int, n: int, exclude: set) -> list[dict]:
     return out
 
 
+def _key(case: dict) -> tuple:
+    ref = case["reference"]
+    return (ref["shape"], ref["texture"], tuple(ref["colours"]))
+
+
 def main() -> None:
     dev = cases(100, 8, set())
     held = cases(
@@ -59,12 +64,7 @@ def main() -> None:
         12,
         {(c["reference"]["shape"], c["reference"]["texture"], tuple(c["reference"]["colours"])) for c in dev},
     )
-    earlier = dev + held
-    held2 = cases(
-        300,
-        32,
-        {(c["reference"]["shape"], c["reference"]["texture"], tuple(c["reference"]["colours"])) for c in earlier},
-    )
+    held2 = cases(300, 32, {_key(c) for c in dev + held})
     (HERE / "dev.json").write_text(json.dumps(dev, indent=1) + "\n")
     (HERE / "heldout.json").write_text(json.dumps(held, indent=1) + "\n")
     (HERE / "heldout2.json").write_text(json.dumps(held2, indent=1) + "\n")
