@@ -125,6 +125,25 @@ def batch_pair(batch, i: int, j: int) -> bool:
     )
 
 
+def _closest_pair(palette: str) -> float:
+    rgb = torch.tensor(list(world.PALETTES[palette].values()))
+    d = torch.cdist(rgb, rgb) + torch.eye(len(rgb)) * 9
+    return float(d.min())
+
+
+def test_each_palette_separates_its_closest_colours_further_than_the_one_before():
+    names = sorted(world.PALETTES)
+    assert names == ["v1", "v2", "v3"]
+    gaps = [_closest_pair(n) for n in names]
+    print("closest RGB pair per palette:", dict(zip(names, [round(g, 3) for g in gaps], strict=True)))
+    assert gaps[0] < gaps[1] < gaps[2]
+    assert gaps[2] > 0.58
+    # no colour word sits on the light background
+    for n in names:
+        rgb = torch.tensor(list(world.PALETTES[n].values()))
+        assert float((rgb - world.BACKGROUND).norm(dim=1).min()) > 0.5
+
+
 def test_palettes_change_colours_only():
     subject = world.Subject("square", "stripes", ("orange", "blue"))
     scene = world.random_scene(torch.Generator().manual_seed(4), subject)
