@@ -66,6 +66,8 @@ MEASURES = (
 )
 #: accepted by ``--methods`` but not run by default
 OPTIONAL = ("prompted", "kv-start0", "kv-layers-all")
+#: control (b)'s bar: the share of samples whose exact colour set key/value replacement must transfer
+B_BAR = 0.5
 AMA_LAYERS = (6, 7, 8, 9, 10, 11)  # the "paper" preset on the SD1.5 layout (the two finest decoder levels)
 
 
@@ -105,6 +107,17 @@ def control_a_passes(joint_gap: dict, zero_gap: dict) -> bool:
     gap's interval lies above 0), and with the values zeroed it no longer does (the interval holds 0)."""
     lo, hi = zero_gap["ci95"]
     return bool(joint_gap["ci95"][0] > 0 and lo <= 0 <= hi)
+
+
+def control_b(kv_colour_set_ok: float, ci95) -> dict:
+    """Control (b): key/value replacement transfers the reference's exact colour set in at least
+    ``B_BAR`` of the samples. The verdict reads the mean; the interval is reported beside it."""
+    return {
+        "colour_set_ok": kv_colour_set_ok,
+        "ci95": ci95,
+        "pass": bool(kv_colour_set_ok >= B_BAR),
+        "rule": f"kv colour_set_ok >= {B_BAR}",
+    }
 
 
 def load_cases(path: Path) -> list[dict]:
@@ -419,13 +432,7 @@ def main() -> int:
         m: {k: bootstrap_ci([x[k] for x in rs if x[k] == x[k]]) for k in MEASURES} for m, rs in rows.items()
     }
     if "kv" in rows:
-        kv = summary["kv"]["colour_set_ok"]
-        controls_out["b_kv_transfer"] = {
-            "colour_set_ok": kv,
-            "ci95": ci95["kv"]["colour_set_ok"],
-            "pass": bool(kv >= 0.5),
-            "rule": "kv colour_set_ok >= 0.5",
-        }
+        controls_out["b_kv_transfer"] = control_b(summary["kv"]["colour_set_ok"], ci95["kv"]["colour_set_ok"])
     ok = all(c.get("pass", False) for c in controls_out.values()) if controls_out else None
     result = {
         "controls": controls_out,

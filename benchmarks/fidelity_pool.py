@@ -26,12 +26,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fidelity import MEASURES, bootstrap_ci  # noqa: E402
+from fidelity import MEASURES, _fmt, bootstrap_ci, control_b  # noqa: E402
 
 #: Settings that must agree between pooled runs (the case file may differ; that is the point).
 SAME_SETTINGS = ("steps", "cfg", "sampler", "scheduler", "weights", "palette")
-#: Control (b)'s rule, as in ``fidelity.py``.
-B_BAR = 0.5
 
 
 def cluster_bootstrap_ci(groups: list[list[float]], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -122,14 +120,10 @@ def pool(runs: list[dict]) -> dict:
         "controls": {},
     }
     if "kv" in means:
-        kv = means["kv"]["colour_set_ok"]
-        out["controls"]["b_kv_transfer"] = {
-            "colour_set_ok": kv,
-            "ci95": ci_samples["kv"]["colour_set_ok"],
-            "ci95_cases": ci_cases["kv"]["colour_set_ok"],
-            "pass": bool(kv >= B_BAR),
-            "rule": f"kv colour_set_ok >= {B_BAR} over the pooled samples",
-        }
+        b = control_b(means["kv"]["colour_set_ok"], ci_samples["kv"]["colour_set_ok"])
+        b["ci95_cases"] = ci_cases["kv"]["colour_set_ok"]
+        b["rule"] += " over the pooled samples"
+        out["controls"]["b_kv_transfer"] = b
     return out
 
 
@@ -147,18 +141,15 @@ def markdown(p: dict) -> str:
     if b:
         lines.append(
             f"(b) {'passed' if b['pass'] else 'FAILED'} on the pooled samples: key/value replacement "
-            f"transfers the colour set in {b['colour_set_ok']:.2f} (samples [{b['ci95'][0]:.2f}, "
-            f"{b['ci95'][1]:.2f}], cases [{b['ci95_cases'][0]:.2f}, {b['ci95_cases'][1]:.2f}]) ({b['rule']})."
+            f"transfers the colour set in {_fmt(b['colour_set_ok'], b['ci95'])} over samples, "
+            f"{_fmt(b['colour_set_ok'], b['ci95_cases'])} over cases ({b['rule']})."
         )
         lines.append("")
     lines.append("| method | samples (cases) | " + " | ".join(MEASURES) + " |")
     lines.append("|---|---|" + "---|" * len(MEASURES))
     for m, vals in p["methods"].items():
-        cells = []
-        for k in MEASURES:
-            lo, hi = p["ci95_cases"][m][k]
-            cells.append(f"{vals[k]:.2f} [{lo:.2f}, {hi:.2f}]")
-        lines.append(f"| {m} | {p['n_samples'][m]} ({p['n_cases'][m]}) | " + " | ".join(cells) + " |")
+        cells = " | ".join(_fmt(vals[k], p["ci95_cases"][m][k]) for k in MEASURES)
+        lines.append(f"| {m} | {p['n_samples'][m]} ({p['n_cases'][m]}) | {cells} |")
     lines.append(
         "\nIntervals in the table: 95% bootstrap over cases (the seeds of a case resampled together); "
         f"settings {p['settings']}."

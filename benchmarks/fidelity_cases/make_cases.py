@@ -59,11 +59,7 @@ def _key(case: dict) -> tuple:
 
 def main() -> None:
     dev = cases(100, 8, set())
-    held = cases(
-        200,
-        12,
-        {(c["reference"]["shape"], c["reference"]["texture"], tuple(c["reference"]["colours"])) for c in dev},
-    )
+    held = cases(200, 12, {_key(c) for c in dev})
     held2 = cases(300, 32, {_key(c) for c in dev + held})
     (HERE / "dev.json").write_text(json.dumps(dev, indent=1) + "\n")
     (HERE / "heldout.json").write_text(json.dumps(held, indent=1) + "\n")

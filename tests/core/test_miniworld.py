@@ -125,8 +125,12 @@ def batch_pair(batch, i: int, j: int) -> bool:
     )
 
 
+def _rgb(palette: str) -> torch.Tensor:
+    return torch.tensor(list(world.PALETTES[palette].values()))
+
+
 def _closest_pair(palette: str) -> float:
-    rgb = torch.tensor(list(world.PALETTES[palette].values()))
+    rgb = _rgb(palette)
     d = torch.cdist(rgb, rgb) + torch.eye(len(rgb)) * 9
     return float(d.min())
 
@@ -140,8 +144,7 @@ def test_each_palette_separates_its_closest_colours_further_than_the_one_before(
     assert gaps[2] > 0.58
     # no colour word sits on the light background
     for n in names:
-        rgb = torch.tensor(list(world.PALETTES[n].values()))
-        assert float((rgb - world.BACKGROUND).norm(dim=1).min()) > 0.5
+        assert float((_rgb(n) - world.BACKGROUND).norm(dim=1).min()) > 0.5
 
 
 def test_palettes_change_colours_only():
