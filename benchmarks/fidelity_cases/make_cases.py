@@ -6,6 +6,9 @@ subjects are drawn from another seed and exclude every development subject. The 
 (``heldout2.json``, 32 cases) was added after the sixth training's held-out run to read control (b)
 on more samples; it is drawn from a third seed and excludes every subject of the other two sets, so
 the first two files come out byte for byte as they were (docs/miniworld.md, "A second held-out set").
+The third (``heldout3.json``, 32 cases, a fourth seed, excluding every earlier subject) was added after
+the seventh training's held-out runs: the two earlier held-out sets had informed that training's
+design, so the third checks its control (b) on cases no decision has seen ("A third held-out set").
 """
 
 from __future__ import annotations
@@ -61,9 +64,11 @@ def main() -> None:
     dev = cases(100, 8, set())
     held = cases(200, 12, {_key(c) for c in dev})
     held2 = cases(300, 32, {_key(c) for c in dev + held})
+    held3 = cases(400, 32, {_key(c) for c in dev + held + held2})
     (HERE / "dev.json").write_text(json.dumps(dev, indent=1) + "\n")
     (HERE / "heldout.json").write_text(json.dumps(held, indent=1) + "\n")
     (HERE / "heldout2.json").write_text(json.dumps(held2, indent=1) + "\n")
+    (HERE / "heldout3.json").write_text(json.dumps(held3, indent=1) + "\n")
 
 
 if __name__ == "__main__":
