@@ -41,6 +41,7 @@ Writes ``OUT/fidelity.json``, ``OUT/fidelity.md`` and ``OUT/grid.png``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import random
@@ -154,6 +155,8 @@ class Runner:
         self.model, self.clip = demo_nodes.load(weights)
         #: the colours the model learned: references are rendered and images read in them
         self.palette = demo_nodes.palette_of(weights)
+        #: the file's identity: runs of one file under two names (a candidate and its shipped copy) pool
+        self.weights_sha256 = hashlib.sha256(demo_nodes._weights_path(weights).read_bytes()).hexdigest()
         self.steps, self.cfg = steps, cfg
         self.empty = self.encode("")
 
@@ -447,6 +450,7 @@ def main() -> int:
             "sampler": "ddim",
             "scheduler": "ddim_uniform",
             "weights": args.weights,
+            "weights_sha256": runner.weights_sha256,
             "palette": runner.palette,
         },
         "seconds": round(time.time() - t_start, 1),

@@ -9,7 +9,7 @@ Two intervals are given for every pooled mean: the benchmark's own (a bootstrap 
 bootstrap over cases. The seeds of one case share a reference subject and a target prompt, so they
 are not independent draws; resampling whole cases is the more cautious interval.
 
-    python benchmarks/fidelity_pool.py RUN [RUN ...] --out DIR
+    python benchmarks/fidelity_pool.py RUN [RUN ...] --out DIR [--weights-sha256 NAME=HASH ...]
 
 RUN is a ``fidelity.json`` or the folder holding one. Writes ``DIR/pooled.json`` and
 ``DIR/pooled.md``.
@@ -28,8 +28,26 @@ sys.path.insert(0, str(HERE))
 
 from fidelity import MEASURES, _fmt, bootstrap_ci, control_b  # noqa: E402
 
-#: Settings that must agree between pooled runs (the case file may differ; that is the point).
-SAME_SETTINGS = ("steps", "cfg", "sampler", "scheduler", "weights", "palette")
+#: Settings that must agree between pooled runs (the case file may differ; that is the point). The
+#: weights are compared by their identity (``weights_identity``), not in this list.
+SAME_SETTINGS = ("steps", "cfg", "sampler", "scheduler", "palette")
+
+
+def weights_identity(settings: dict, known: dict[str, str]) -> str:
+    """What makes two runs' weights the same file: the SHA-256 the run recorded, else one the caller
+    vouches for by file name (``--weights-sha256 NAME=HASH``, for runs made before hashes were
+    recorded), else the file name alone.
+
+    WHY: a candidate model is measured under its candidate name and then shipped under another; its
+    runs must still pool, and runs of two different files under one name must not.
+    """
+    name = settings.get("weights")
+    recorded = settings.get("weights_sha256")
+    vouched = known.get(str(name))
+    if recorded and vouched and recorded != vouched:
+        raise ValueError(f"{name}: the run recorded SHA-256 {recorded}, not the {vouched} given for it.")
+    digest = recorded or vouched
+    return f"sha256:{digest}" if digest else f"name:{name}"
 
 
 def cluster_bootstrap_ci(groups: list[list[float]], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -67,15 +85,21 @@ def load_run(path: Path) -> dict:
     return data
 
 
-def pool(runs: list[dict]) -> dict:
+def pool(runs: list[dict], known_sha256: dict[str, str] | None = None) -> dict:
     """Pool the samples of the methods every run measured; cases are told apart per run."""
     if not runs:
         raise ValueError("no runs to pool.")
+    known = known_sha256 or {}
     first = runs[0]["settings"]
+    identity = weights_identity(first, known)
     for r in runs[1:]:
         differ = [k for k in SAME_SETTINGS if r["settings"].get(k) != first.get(k)]
+        if weights_identity(r["settings"], known) != identity:
+            differ.insert(0, "weights")
         if differ:
             detail = ", ".join(f"{k}: {first.get(k)!r} vs {r['settings'].get(k)!r}" for k in differ)
+            if differ[0] == "weights" and identity.startswith("name:"):
+                detail += " (the same file under two names pools with --weights-sha256 NAME=HASH)"
             raise ValueError(f"these runs differ in {detail}; only runs of one model and one setting pool.")
     methods = [m for m in runs[0]["samples"] if all(m in r["samples"] for r in runs)]
     if not methods:
@@ -111,7 +135,8 @@ def pool(runs: list[dict]) -> dict:
             }
             for r in runs
         ],
-        "settings": {k: first.get(k) for k in SAME_SETTINGS},
+        "settings": {**{k: first.get(k) for k in SAME_SETTINGS}, "weights": sorted(
+            {str(r["settings"].get("weights")) for r in runs}), "weights_identity": identity},
         "methods": means,
         "ci95": ci_samples,
         "ci95_cases": ci_cases,
@@ -136,7 +161,7 @@ def markdown(p: dict) -> str:
         + ")"
         for r in p["runs"]
     )
-    lines.append(f"Pooled over {len(p['runs'])} runs: {runs}.")
+    lines.append(f"Pooled over {len(p['runs'])} run{'s' if len(p['runs']) > 1 else ''}: {runs}.")
     lines.append("")
     if b:
         lines.append(
@@ -161,9 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="fidelity.json files or the folders holding them")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--weights-sha256",
+        action="append",
+        default=[],
+        metavar="NAME=HASH",
+        help="the SHA-256 of a weights file named in runs that recorded none (repeatable)",
+    )
     args = ap.parse_args(argv)
+    known = {}
+    for item in args.weights_sha256:
+        name, sep, digest = item.partition("=")
+        if not sep or len(digest) != 64:
+            raise SystemExit(f"--weights-sha256 {item!r}: expected NAME=HASH with a 64-digit SHA-256.")
+        known[name] = digest.lower()
     try:
-        pooled = pool([load_run(p) for p in args.runs])
+        pooled = pool([load_run(p) for p in args.runs], known)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     args.out.mkdir(parents=True, exist_ok=True)

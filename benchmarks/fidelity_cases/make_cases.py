@@ -60,15 +60,23 @@ def _key(case: dict) -> tuple:
     return (ref["shape"], ref["texture"], tuple(ref["colours"]))
 
 
-def main() -> None:
+def build() -> dict[str, list[dict]]:
+    """Every case file's cases, by file name, each set excluding the subjects of the sets before it."""
     dev = cases(100, 8, set())
     held = cases(200, 12, {_key(c) for c in dev})
     held2 = cases(300, 32, {_key(c) for c in dev + held})
     held3 = cases(400, 32, {_key(c) for c in dev + held + held2})
-    (HERE / "dev.json").write_text(json.dumps(dev, indent=1) + "\n")
-    (HERE / "heldout.json").write_text(json.dumps(held, indent=1) + "\n")
-    (HERE / "heldout2.json").write_text(json.dumps(held2, indent=1) + "\n")
-    (HERE / "heldout3.json").write_text(json.dumps(held3, indent=1) + "\n")
+    return {"dev.json": dev, "heldout.json": held, "heldout2.json": held2, "heldout3.json": held3}
+
+
+def render(case_list: list[dict]) -> str:
+    """A case file's exact text (the frozen files are this, byte for byte)."""
+    return json.dumps(case_list, indent=1) + "\n"
+
+
+def main() -> None:
+    for name, case_list in build().items():
+        (HERE / name).write_text(render(case_list))
 
 
 if __name__ == "__main__":

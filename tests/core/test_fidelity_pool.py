@@ -78,6 +78,31 @@ def test_runs_of_different_models_refuse_to_pool():
         P.pool([a, b])
 
 
+H1, H2 = "1" * 64, "2" * 64
+
+
+def test_one_file_under_two_names_pools_by_its_recorded_or_vouched_hash():
+    candidate = _run([(0, 1.0)], "a", weights="miniworld-trained.safetensors")
+    shipped = _run([(0, 0.0)], "b", weights_sha256=H1)
+    with pytest.raises(ValueError, match="--weights-sha256 NAME=HASH"):
+        P.pool([candidate, shipped])
+    p = P.pool([candidate, shipped], {"miniworld-trained.safetensors": H1})
+    assert p["n_samples"]["kv"] == 2
+    assert p["settings"]["weights_identity"] == f"sha256:{H1}"
+    assert p["settings"]["weights"] == ["miniworld-trained.safetensors", "miniworld.safetensors"]
+    recorded = _run([(0, 1.0)], "c", weights="miniworld-trained.safetensors", weights_sha256=H1)
+    assert P.pool([recorded, shipped])["n_samples"]["kv"] == 2
+
+
+def test_one_name_over_two_files_refuses_to_pool_and_a_wrong_vouch_is_caught():
+    a = _run([(0, 1.0)], "a", weights_sha256=H1)
+    b = _run([(0, 1.0)], "b", weights_sha256=H2)
+    with pytest.raises(ValueError, match="weights"):
+        P.pool([a, b])
+    with pytest.raises(ValueError, match="recorded SHA-256"):
+        P.pool([a], {"miniworld.safetensors": H2})
+
+
 def test_cli_writes_json_and_markdown_and_names_a_missing_run(tmp_path):
     run = _run([(0, 1.0), (1, 1.0)], "a")
     d = tmp_path / "run"
@@ -89,3 +114,5 @@ def test_cli_writes_json_and_markdown_and_names_a_missing_run(tmp_path):
     assert "(b) passed on the pooled samples" in (tmp_path / "out" / "pooled.md").read_text()
     with pytest.raises(SystemExit, match="no fidelity.json there"):
         P.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="NAME=HASH"):
+        P.main([str(d), "--out", str(tmp_path / "out"), "--weights-sha256", "miniworld.safetensors=abc"])
