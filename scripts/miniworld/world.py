@@ -64,7 +64,7 @@ PALETTES: dict[str, dict[str, tuple[float, float, float]]] = {
 DEFAULT_PALETTE = "v1"
 #: The shipped model's palette (its metadata records it too): the renderer node's default and the
 #: training script's, so that a demo reference is drawn in the colours the shipped model learned.
-SHIPPED_PALETTE = "v2"
+SHIPPED_PALETTE = "v3"
 COLOURS = PALETTES[DEFAULT_PALETTE]
 COLOUR_NAMES = tuple(COLOURS)
 #: Every word the text encoder knows, in token-id order (id 0 is padding).
