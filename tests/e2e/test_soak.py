@@ -31,9 +31,13 @@ from server_fixture import ComfyServer
 
 PROMPTS = 30
 STEPS = 12
-#: Growth of the server's resident memory allowed from the end of warm-up to the end of the soak.
-#: Measured on the 2-core CI machine kind: 5, 49 and 131 MiB in three runs (allocator arenas on a
-#: ~2.4 GiB process); a leak of the run state or of a reference per prompt would grow without bound.
+#: Growth of the server's resident memory allowed between the two halves of the soak after warm-up
+#: (the second half's peak against the first half's). A leak of the run state or of a reference per
+#: prompt grows with every prompt, so it shows between the halves; a process that reaches its
+#: allocator plateau late does so once, and when that happens in the first half it no longer reads as
+#: a leak. The earlier form (peak after warm-up against the last warm-up prompt) measured 5, 49, 131,
+#: 316 and 0 MiB on the 2-core CI machine kind; the 316 (ComfyUI 0.28.2) and the 0 were one commit,
+#: run twice. Every run prints the per-prompt series, so a failure shows trend or step.
 RSS_BOUND_MIB = 250.0
 WARMUP = 8
 PROBE = Path(__file__).resolve().parent / "soak_probe"
@@ -183,15 +187,17 @@ def test_soak_ama_and_guidance_with_interrupts(soak_server):
     server.run(_graph("stock", seed=1, size=48, batch=1, prefix="soak_flush"))  # the flags apply after it
     entry = server.run(stock)
     after = [p for p in _saved(server, "soak_stock_ref") if p != before]
-    growth = max(rss[WARMUP:]) - rss[WARMUP - 1]
+    half = WARMUP + (PROMPTS - WARMUP) // 2
+    growth = max(rss[half:]) - max(rss[WARMUP:half])
     print(f"\n[soak] {PROMPTS} prompts in {time.perf_counter() - t0:.0f} s; interrupted mid-sampling "
           f"{interrupted}, finished before the interrupt {missed}, re-queued {requeued}; RSS MiB after "
-          f"warm-up {rss[WARMUP - 1]:.0f}, max after {max(rss[WARMUP:]):.0f}, last {rss[-1]:.0f} "
-          f"(growth {growth:.0f}, bound {RSS_BOUND_MIB:.0f}); probe {report}")
+          f"warm-up {rss[WARMUP - 1]:.0f}, first-half peak {max(rss[WARMUP:half]):.0f}, second-half peak "
+          f"{max(rss[half:]):.0f}, last {rss[-1]:.0f} (growth {growth:.0f}, bound {RSS_BOUND_MIB:.0f}); "
+          f"per prompt {[round(r) for r in rss]}; probe {report}")
     assert interrupted >= 3, f"only {interrupted} prompts were interrupted mid-sampling"
     assert report["stock"] == [] and report["loaded"] == [], report
     assert report["loaded_count"] >= 1
     cached = [m[1].get("nodes", []) for m in entry["status"]["messages"] if m[0] == "execution_cached"]
     assert "15" not in sum(cached, []), "the stock sampler did not run again"
     assert len(after) == 1 and after[0].read_bytes() == before_bytes, "the stock image changed"
-    assert growth <= RSS_BOUND_MIB, f"resident memory grew by {growth:.0f} MiB after warm-up"
+    assert growth <= RSS_BOUND_MIB, f"resident memory grew by {growth:.0f} MiB between the soak's halves"
