@@ -3,10 +3,11 @@
 ``scripts/make_examples.py`` loads each graph into the real ComfyUI frontend
 (``app.loadApiJson``), lays it out as :class:`Layout` says (groups left to right, a Note at the
 top of every group, every seed fixed so that the DreamMatcher image and its baseline share the
-initial noise), serialises it into ``example_workflows/<name>.json``, writes the API twin to
-``example_workflows/api/<name>.json`` and screenshots the graph into ``<name>.jpg``, the
-thumbnail the template browser shows. The e2e tier runs every API twin on random checkpoints;
-the browser tier checks that each UI file converts back to its twin.
+initial noise), serialises it into ``example_workflows/<name>.json`` and writes the API twin to
+``example_workflows/api/<name>.json``; ``scripts/make_thumbnails.py`` draws ``<name>.jpg``, the
+thumbnail the template browser shows. The name is the card's title there (the frontend shows a
+pack's template file names as typed), so it reads as one. The e2e tier runs every API twin on
+random checkpoints; the browser tier checks that each UI file converts back to its twin.
 """
 
 from __future__ import annotations
@@ -204,12 +205,13 @@ class Example:
     smoke: tuple[int, int] = (4, 64)
 
 
+#: File name (without ``.json``; also the template browser's card title) -> example.
 EXAMPLES: dict[str, Example] = {
-    "dreammatcher_ama_ksampler": Example(ama, _generation_layout(), "sd15"),
-    "dreammatcher_full_matching_guidance": Example(
+    "DreamMatcher - AMA with KSampler": Example(ama, _generation_layout(), "sd15"),
+    "DreamMatcher - Full method with matching guidance": Example(
         full, _generation_layout(NOTE_GENERATE + " " + NOTE_GUIDANCE), "sd15"),
-    "dreammatcher_inspectors": Example(inspectors, _inspector_layout(), "sd15"),
-    "dreammatcher_sdxl": Example(sdxl, _generation_layout(), "sdxl", smoke=(4, 128)),
+    "DreamMatcher - Inspect features and matches": Example(inspectors, _inspector_layout(), "sd15"),
+    "DreamMatcher - AMA on SDXL": Example(sdxl, _generation_layout(), "sdxl", smoke=(4, 128)),
 }
 
 

@@ -4,17 +4,17 @@ Each API-format graph is loaded into the real ComfyUI frontend (headless Debian 
 ``app.loadApiJson``, laid out by its :class:`example_graphs.Layout` (columns left to right, a
 group per stage with a Note at its top, seeds fixed), and serialised back with
 ``app.graph.serialize()``, so the UI-format files carry exactly the widget layout the frontend
-expects. The API twin goes to ``example_workflows/api/``; a screenshot of the laid-out graph,
-fitted to the view, becomes ``example_workflows/<name>.jpg`` (the template browser's thumbnail).
+expects. The API twin goes to ``example_workflows/api/``. The template browser's thumbnail,
+``example_workflows/<name>.jpg``, is drawn by ``scripts/make_thumbnails.py`` (what the workflow
+makes, not the graph: a graph is unreadable at card size), which this script calls.
 Run: ``.venv/bin/python scripts/make_examples.py [--only NAME]``; with ``--miniworld`` it writes the
 miniature world's demo workflow into ``scripts/miniworld/example_workflows/`` instead (the demo nodes
-are loaded for it).
+are loaded for it) and runs it once on the server for the thumbnail's real images.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import sys
 import tempfile
@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
+import make_thumbnails  # noqa: E402
 from comfy_env import comfy_root  # noqa: E402
 from example_graphs import EXAMPLES  # noqa: E402
 from server_fixture import ComfyServer, link_miniworld  # noqa: E402
@@ -31,7 +32,6 @@ from server_fixture import ComfyServer, link_miniworld  # noqa: E402
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 2400, "height": 1400}
-THUMB_WIDTH = 1024
 
 #: Places every node: column x from the widest node of each column, nodes of one group and column
 #: stacked, band-1 groups below the band-0 groups they share columns with; then a Note at the top
@@ -101,43 +101,6 @@ LAYOUT_JS = """([layout]) => {
     return JSON.stringify(g.serialize());
 }"""
 
-#: Lift the canvas above the frontend's menus and panels (so the thumbnail shows only the graph),
-#: fit the whole graph into it, draw, and return the box to capture.
-FIT_JS = """() => {
-    const app = window.app, g = app.graph, ds = app.canvas.ds, el = app.canvas.canvas;
-    // the canvas and the DOM widgets (prompt and note texts) share one container
-    const box = el.parentElement;
-    box.style.position = 'fixed';
-    box.style.inset = '0px';
-    box.style.zIndex = '2147483647';
-    for (const child of box.children)
-        if (child !== el && !child.querySelector('.dom-widget')) child.style.display = 'none';
-    let minX = Infinity, minY = Infinity, maxX = -Infinity, maxY = -Infinity;
-    for (const grp of (g._groups || g.groups || [])) {
-        minX = Math.min(minX, grp.pos[0]); minY = Math.min(minY, grp.pos[1]);
-        maxX = Math.max(maxX, grp.pos[0] + grp.size[0]); maxY = Math.max(maxY, grp.pos[1] + grp.size[1]);
-    }
-    const r = el.getBoundingClientRect();
-    const pad = 30;
-    const scale = Math.min((r.width - 2 * pad) / (maxX - minX), (r.height - 2 * pad) / (maxY - minY), 1);
-    ds.scale = scale;
-    ds.offset[0] = -minX + pad / scale;
-    ds.offset[1] = -minY + pad / scale;
-    app.canvas.setDirty(true, true);
-    app.canvas.draw(true, true);
-    const w = Math.ceil((maxX - minX) * scale + 2 * pad), h = Math.ceil((maxY - minY) * scale + 2 * pad);
-    return {x: r.left, y: r.top, width: Math.min(w, r.width), height: Math.min(h, r.height)};
-}"""
-
-
-def _thumbnail(png: bytes, dest: Path) -> None:
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(png)).convert("RGB")
-    if img.width > THUMB_WIDTH:
-        img = img.resize((THUMB_WIDTH, round(img.height * THUMB_WIDTH / img.width)), Image.LANCZOS)
-    img.save(dest, "JPEG", quality=88)
-
 
 def main() -> None:
     from playwright.sync_api import sync_playwright
@@ -154,7 +117,7 @@ def main() -> None:
         from example_graphs import Example
         from miniworld import demo_graph
 
-        examples = {"miniworld_demo": Example(demo_graph.demo, demo_graph.layout(), "miniworld")}
+        examples = {make_thumbnails.demo_name(): Example(demo_graph.demo, demo_graph.layout(), "miniworld")}
         out_dir = REPO / "scripts" / "miniworld" / "example_workflows"
     (out_dir / "api").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,10 +145,12 @@ def main() -> None:
                     real = [n for n in ui["nodes"] if n["type"] != "Note"]
                     assert len(real) == len(api), (name, len(real), len(api))
                     (out_dir / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
-                    page.wait_for_timeout(500)
-                    box = page.evaluate(FIT_JS)
-                    page.wait_for_timeout(800)
-                    _thumbnail(page.screenshot(clip=box), out_dir / f"{name}.jpg")
+                    if miniworld:
+                        reference, result = make_thumbnails.demo_images(server, api)
+                        make_thumbnails.save(make_thumbnails.demo_thumbnail(
+                            reference, result, make_thumbnails.demo_caption()), out_dir / f"{name}.jpg")
+                    else:
+                        make_thumbnails.write_illustrations([name])
                     types = sorted({n["type"] for n in real})
                     print(f"wrote {name}: {len(real)} nodes + {len(ui['nodes']) - len(real)} notes, "
                           f"{len(ui['groups'])} groups ({', '.join(types)})")

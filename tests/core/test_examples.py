@@ -1,21 +1,29 @@
 """The example workflows are laid out for reading, and each UI file matches its API twin.
 
 Read from the files alone (no ComfyUI): every example has an API twin and a JPEG thumbnail of
-the same name; the nodes of the UI file are exactly the twin's; every node sits in one titled
-group that opens with a Note; no two nodes overlap; every wire runs from left to right (or down
-a column), so none crosses the canvas backwards; every seed is fixed, and the DreamMatcher
-sampler and its baseline share theirs. The browser tier converts each UI file back to API
-format with the frontend itself and compares it with the twin; the e2e tier runs the twins.
+the same name, and its name reads as a title (the template browser shows it as typed); each
+thumbnail is the square picture ``scripts/make_thumbnails.py`` draws (the SD examples' ones are
+illustrations and carry the illustration banner); the nodes of
+the UI file are exactly the twin's; every node sits in one titled group that opens with a Note;
+no two nodes overlap; every wire runs from left to right (or down a column), so none crosses the
+canvas backwards; every seed is fixed, and the DreamMatcher sampler and its baseline share
+theirs. The browser tier converts each UI file back to API format with the frontend itself and
+compares it with the twin, and opens the template browser to check that every card shows its
+thumbnail; the e2e tier runs the twins.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+import make_thumbnails  # noqa: E402
+
 EXAMPLES = REPO / "example_workflows"
 UI_FILES = sorted(EXAMPLES.glob("*.json"))
 GENERATION_GROUPS = {"1 Reference", "2 Appearance matching", "3 Generate", "Compare"}
@@ -42,8 +50,46 @@ def _inside(inner: tuple, outer: list) -> bool:
 
 def test_there_are_the_examples_users_need():
     names = {p.stem for p in UI_FILES}
-    assert {"dreammatcher_ama_ksampler", "dreammatcher_full_matching_guidance", "dreammatcher_inspectors",
-            "dreammatcher_sdxl"} <= names, names
+    assert {"DreamMatcher - AMA with KSampler", "DreamMatcher - Full method with matching guidance",
+            "DreamMatcher - Inspect features and matches", "DreamMatcher - AMA on SDXL"} <= names, names
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_template_name_reads_as_a_title(path):
+    """The card shows the file name as typed: "DreamMatcher - <what it does>", no snake_case."""
+    assert path.stem.startswith("DreamMatcher - "), path.stem
+    assert "_" not in path.stem, path.stem
+
+
+def _banner_rgb(img) -> tuple[float, float, float]:
+    """Mean colour of the banner's left end (left of any lettering)."""
+    import numpy as np
+
+    band = np.asarray(img.convert("RGB").crop((4, img.height - 56, 14, img.height - 8)), dtype=float)
+    return tuple(band.reshape(-1, 3).mean(axis=0))
+
+
+def _close(a, b, tol: float = 12) -> bool:
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_sd_thumbnail_is_the_labelled_illustration(path):
+    """SD weights cannot run here, so each SD example's card shows the drawn illustration, which
+    says so in its banner; the committed file is that drawing (not a screenshot, not another image)."""
+    import numpy as np
+    from PIL import Image
+
+    spec = make_thumbnails.ILLUSTRATIONS.get(path.stem)
+    assert spec is not None, f"{path.stem}: no illustration in scripts/make_thumbnails.py"
+    assert "ILLUSTRATION" in make_thumbnails.BANNER_ILLUSTRATION
+    img = Image.open(path.with_suffix(".jpg"))
+    assert img.size == (make_thumbnails.SIZE, make_thumbnails.SIZE), "the card's picture box is square"
+    assert _close(_banner_rgb(img), make_thumbnails.ACCENT), "no illustration banner"
+    drawn = np.asarray(make_thumbnails.illustration(spec), dtype=int)
+    # JPEG noise moves pixels by a few levels; another title or picture moves >1% of them a lot
+    off = (np.abs(np.asarray(img.convert("RGB"), dtype=int) - drawn).max(axis=2) > 64).mean()
+    assert off < 0.005, f"{path.name} is not what make_thumbnails.py draws ({off:.1%} of pixels differ)"
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
