@@ -32,6 +32,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: setup
+	@bash scripts/setup_tools.sh
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q -ra
 
@@ -75,4 +76,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf .venv .venv-compat .host
+	rm -rf .venv .venv-compat .venv-tools .host
