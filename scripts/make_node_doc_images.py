@@ -8,8 +8,8 @@ world's shipped model (``scripts/miniworld/weights/miniworld.safetensors``, 32x3
 workflow's (same reference, prompts, seed and settings as ``make demo``), so a reader can reproduce
 any picture by running that workflow. Nothing is downloaded.
 
-Run (about six minutes of CPU time: four 30-step samplings, one with exact matching per step; it
-writes the 13 PNGs and prints their sizes):
+Run (about six minutes of CPU time on a shared two-core machine, most of it in the AMA and guided
+samplings; it writes the 13 PNGs and prints their sizes):
 
     .venv/bin/python scripts/make_node_doc_images.py
 
