@@ -14,7 +14,9 @@ so three figures per sampling step explain most "nothing happened" runs:
 
 This module is pure torch: :func:`gate_figures` reduces one match, :class:`StepLog` collects them
 during a run (cheaply: no host synchronisation until :meth:`StepLog.summary`), :func:`format_table`
-and :func:`plot_figures` make them readable (text and a ComfyUI IMAGE).
+makes them readable as text, and :func:`curves`, :func:`legend_entries` and :func:`sigma_span` give
+the plot its numbers and words. The plot itself (title, axes, ticks, legend) is drawn on the node
+side, with Pillow (``nodes/plot.py``): text needs a font library, and the core stays pure torch.
 """
 
 from __future__ import annotations
@@ -25,12 +27,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["StepFigures", "StepLog", "gate_figures", "format_table", "format_summary", "plot_figures"]
+__all__ = ["StepFigures", "StepLog", "gate_figures", "format_table", "format_summary", "legend_entries",
+           "curves", "sigma_span"]
 
 #: Names of the three figures, in the order of :func:`gate_figures` and the plot's colours.
 FIGURES = ("confidence_coverage", "mask_area", "gate_above_half")
-#: Line colours of :func:`plot_figures` (RGB in [0, 1]), one per figure.
+#: Their names for people (the plot's legend), in :data:`FIGURES` order.
+LABELS = ("confidence coverage", "mask area", "gate > 0.5")
+#: What each one measures, in a few words (the legend entries of :func:`legend_entries`).
+MEANINGS = ("cycle-consistent share of the target", "subject share of the target",
+            "share where mask x confidence > 0.5, i.e. the reference is injected")
+#: Line colours of the plot (RGB in [0, 1]) and their names, one per figure.
 COLOURS = ((0.10, 0.45, 0.85), (0.95, 0.55, 0.05), (0.15, 0.65, 0.25))
+COLOUR_NAMES = ("blue", "orange", "green")
 
 
 @dataclass(frozen=True)
@@ -126,48 +135,29 @@ def format_table(steps: Sequence[StepFigures]) -> str:
     return "\n".join(lines)
 
 
-def _segment(img: Tensor, x0: float, y0: float, x1: float, y1: float, colour: Tensor, width: int) -> None:
-    """Draw a line segment into ``img [H,W,3]`` in place (dense sampling; ``width`` pixels thick)."""
-    h, w = img.shape[:2]
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 2
-    t = torch.linspace(0.0, 1.0, n)
-    xs = (x0 + (x1 - x0) * t).round().long()
-    ys = (y0 + (y1 - y0) * t).round().long()
-    r = width // 2
-    for dy in range(-r, width - r):
-        for dx in range(-r, width - r):
-            yy, xx = (ys + dy).clamp(0, h - 1), (xs + dx).clamp(0, w - 1)
-            img[yy, xx] = colour
+def legend_entries() -> list[str]:
+    """The plot's legend as text, one entry per figure: its colour, name and what it measures.
 
-
-def plot_figures(steps: Sequence[StepFigures], height: int = 160, width: int = 320) -> Tensor:
-    """The three figures against the step as a ComfyUI IMAGE ``[1, height, width, 3]`` (white background).
-
-    Grid lines at 0, 0.5 and 1; colours :data:`COLOURS` in :data:`FIGURES` order (blue coverage,
-    orange mask area, green gate > 0.5). A single step is drawn as a short horizontal tick.
+    The node shows these beside the image, so the plot can be read without the documentation (and a
+    screen reader or a colour-blind user gets the same information as text).
     """
-    if height < 16 or width < 16:
-        raise ValueError("the plot needs at least 16x16 pixels")
-    img = torch.ones(height, width, 3)
-    pad = 6
-    top, bottom, left, right = pad, height - 1 - pad, pad, width - 1 - pad
-    for level in (0.0, 0.5, 1.0):
-        y = bottom - level * (bottom - top)
-        grey = torch.tensor([0.75, 0.75, 0.75]) if level == 0.5 else torch.tensor([0.45, 0.45, 0.45])
-        _segment(img, left, y, right, y, grey, 1)
-    if steps:
-        first, last = steps[0].step, steps[-1].step
-        span = max(1, last - first)
+    rows = zip(COLOUR_NAMES, LABELS, MEANINGS, strict=True)
+    return [f"{colour}: {label} ({meaning})" for colour, label, meaning in rows]
 
-        def x_of(step: int) -> float:
-            return left + (step - first) / span * (right - left) if last > first else (left + right) / 2
 
-        for name, colour in zip(FIGURES, COLOURS, strict=True):
-            col = torch.tensor(colour)
-            pts = [(x_of(s.step), bottom - float(getattr(s, name)) * (bottom - top)) for s in steps]
-            if len(pts) == 1:
-                x, y = pts[0]
-                _segment(img, x - 4, y, x + 4, y, col, 3)
-            for (xa, ya), (xb, yb) in zip(pts, pts[1:], strict=False):
-                _segment(img, xa, ya, xb, yb, col, 2)
-    return img.unsqueeze(0)
+def curves(steps: Sequence[StepFigures]) -> list[tuple[str, tuple[float, float, float], list[float]]]:
+    """``(label, colour, values)`` per figure, in :data:`FIGURES` order: what a plot of ``steps`` draws.
+
+    The core hands over the numbers and their names; drawing them (axes, text) is the node layer's job,
+    because text needs a font library and the core stays pure torch.
+    """
+    return [(label, colour, [float(getattr(s, name)) for s in steps])
+            for name, label, colour in zip(FIGURES, LABELS, COLOURS, strict=True)]
+
+
+def sigma_span(steps: Sequence[StepFigures]) -> str:
+    """``"sigma 14.6 to 0.0292"``: the noise levels of the first and last plotted step ("" without steps)."""
+    if not steps:
+        return ""
+    a, b = steps[0].sigma, steps[-1].sigma
+    return f"sigma {a:.3g}" if len(steps) == 1 else f"sigma {a:.3g} to {b:.3g}"

@@ -4,7 +4,9 @@ The AMA patch records, per sampling step, the confidence coverage, the foregroun
 fraction of cells whose gate ``mask × confidence`` exceeds 0.5 (``dreammatcher_core.diagnostics``).
 The patch node itself runs *before* sampling, so it cannot show them; this node takes the sampler's
 output LATENT only to run *after* it, passes it through unchanged, and shows the figures as text and
-a small plot on the node (and as STRING / IMAGE outputs).
+a plot on the node (and as STRING / IMAGE outputs). The plot has a title, axes with their units
+(sampling step; fraction of the target grid), labelled ticks and a legend, drawn with Pillow
+(:mod:`.plot`); the legend's entries also go to the node's text panel, after the table.
 
 Input names and order are a public contract (saved workflows).
 """
@@ -12,11 +14,19 @@ Input names and order are a public contract (saved workflows).
 from __future__ import annotations
 
 from ..dreammatcher_core import diagnostics as core_diag
+from . import plot
 from .ama import patch_of
 from .host import require_node_api
 from .sockets import CATEGORY
 
 io = require_node_api().io
+
+#: The plot's size (width, height): readable when the frontend fits it to a node 400 to 500 px wide.
+PLOT_SIZE = (512, 320)
+#: Line widths (output px) in the core's figure order: wider under narrower, so coinciding lines all show.
+LINE_WIDTHS = (5.0, 3.0, 1.5)
+#: What the plot's axes are, for the node's text panel (the legend entries follow it).
+AXES_TEXT = "Plot: x = sampling step, y = fraction of the target grid (0 to 1)."
 
 
 def diagnostics_report(model) -> tuple[str, list]:
@@ -44,6 +54,33 @@ def diagnostics_report(model) -> tuple[str, list]:
         why = ("the window's steps had no previous-step features to match (the window must not start at "
                "the first step), or the sampler evaluated off the reference's schedule.")
     return head + "nothing was injected: " + why, []
+
+
+def diagnostics_chart(steps: list, runs: int) -> plot.Chart:
+    """The figures of one run as a chart: title, step axis (with the sigma range), fraction axis, legend.
+
+    Without steps the axes are still drawn, with a short reason in the middle (the report has the
+    whole explanation), so the node never shows a blank image.
+    """
+    series = [plot.Series(label, colour, values, width)
+              for (label, colour, values), width in zip(core_diag.curves(steps), LINE_WIDTHS, strict=True)]
+    title = "AMA Diagnostics" + (f", run #{runs}" if runs else "")
+    if steps:
+        title += f": {len(steps)} matched step{'s' if len(steps) != 1 else ''}"
+        note = ""
+    else:
+        note = "not sampled yet" if runs == 0 else "nothing was injected (see the report)"
+    span = core_diag.sigma_span(steps)
+    return plot.line_chart(
+        [s.step for s in steps], series,
+        title=title,
+        x_label="sampling step" + (f" ({span})" if span else ""),
+        y_label="fraction of target grid",
+        y_ticks=[(v, f"{v:g}") for v in (0.0, 0.25, 0.5, 0.75, 1.0)],
+        grid=(0.0, 0.5, 1.0),
+        note=note,
+        size=PLOT_SIZE,
+    )
 
 
 class AMADiagnostics(io.ComfyNode):
@@ -81,7 +118,10 @@ class AMADiagnostics(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent) -> io.NodeOutput:
         text, steps = diagnostics_report(model)
-        plot = core_diag.plot_figures(steps)
+        image = diagnostics_chart(steps, patch_of(model).runs).image
         api = require_node_api()
-        ui = {"text": [text], "images": api.ui.PreviewImage(plot, cls=cls).values}
-        return io.NodeOutput(latent, text, plot, ui=ui)
+        # the text panel shows the strings one per line: the report, then what the plot's axes and
+        # colours are (the same words as in the image)
+        legend = [AXES_TEXT, *core_diag.legend_entries()]
+        ui = {"text": [text, "", *legend], "images": api.ui.PreviewImage(image, cls=cls).values}
+        return io.NodeOutput(latent, text, image, ui=ui)

@@ -68,24 +68,19 @@ def test_format_table_and_summary():
     assert D.format_table([]) == "no step was matched"
 
 
-def test_plot_figures_draws_each_curve_at_its_value():
-    h, w = 106, 206  # plot area: y 6..99 (93 px tall), x 6..199
-    steps = [D.StepFigures(i, 1.0, 1.0, 0.0, 0.5, 1) for i in range(5)]
-    img = D.plot_figures(steps, height=h, width=w)
-    assert img.shape == (1, h, w, 3) and img.dtype == torch.float32
-    assert float(img.min()) >= 0 and float(img.max()) <= 1
-    col = 100  # a column away from the line ends
-    blue, orange, green = (torch.tensor(c) for c in D.COLOURS)
-
-    def rows_with(colour):
-        return [y for y in range(h) if torch.allclose(img[0, y, col], colour)]
-
-    assert rows_with(blue) and all(abs(y - 6) <= 1 for y in rows_with(blue))  # coverage 1 at the top
-    assert rows_with(orange) and all(abs(y - 99) <= 1 for y in rows_with(orange))  # mask 0 at the bottom
-    assert rows_with(green) and all(abs(y - 52.5) <= 1.5 for y in rows_with(green))  # 0.5 in the middle
-    empty = D.plot_figures([], height=h, width=w)
-    assert not any(torch.allclose(empty[0, y, col], blue) for y in range(h))  # grid only
-    one = D.plot_figures(steps[:1], height=h, width=w)
-    assert torch.allclose(one[0, 6, w // 2], blue)  # a single step is a tick in the middle
-    with pytest.raises(ValueError):
-        D.plot_figures(steps, height=8)
+def test_curves_legend_and_sigma_span_describe_the_plot():
+    steps = [D.StepFigures(2, 9.5, 0.8, 0.25, 0.2, 1), D.StepFigures(4, 0.03125, 0.6, 0.75, 0.4, 1)]
+    got = D.curves(steps)
+    assert [label for label, _, _ in got] == ["confidence coverage", "mask area", "gate > 0.5"]
+    assert [values for _, _, values in got] == [[0.8, 0.6], [0.25, 0.75], [0.2, 0.4]]
+    assert [colour for _, colour, _ in got] == list(D.COLOURS)
+    assert D.curves([]) == [(label, colour, []) for label, colour in zip(D.LABELS, D.COLOURS, strict=True)]
+    legend = D.legend_entries()
+    assert len(legend) == 3
+    assert legend[0].startswith("blue: confidence coverage (") and "cycle-consistent" in legend[0]
+    assert legend[1].startswith("orange: mask area (") and legend[2].startswith("green: gate > 0.5 (")
+    # the legend names the figures exactly as the summary line does
+    summary = D.format_summary(steps)
+    assert all(label in summary for label in D.LABELS)
+    assert D.sigma_span(steps) == "sigma 9.5 to 0.0312"
+    assert D.sigma_span(steps[:1]) == "sigma 9.5" and D.sigma_span([]) == ""

@@ -3,7 +3,8 @@
 Layers, each importing only its own and lower ones:
 
 0. ``dreammatcher_core`` (pure torch/einops/numpy maths)
-1. plain data and policy: ``nodes.layout``, ``nodes.config``, ``nodes.subject``
+1. plain data and policy: ``nodes.layout``, ``nodes.config``, ``nodes.subject``; the charts drawn with
+   Pillow, ``nodes.plot`` (it imports nothing from the pack)
 2. the host layer ``nodes.host`` (the only code importing ComfyUI)
 3. runtimes: inversion, reference files, capture, the AMA package, guidance, inspectors
 4. node declarations: ``nodes.node_*``, ``nodes.sockets``, ``nodes.inputs``, ``nodes.extension``
@@ -25,7 +26,7 @@ PACK = "pack"  # the repository root as a package (ComfyUI loads it under its fo
 #: Top-level modules that belong to ComfyUI (or are only present inside it).
 HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "latent_preview",
                 "node_helpers", "execution", "server", "nodes", "comfy_aimdo", "comfy_kitchen"}
-DATA = {"nodes.layout", "nodes.config", "nodes.subject"}
+DATA = {"nodes.layout", "nodes.config", "nodes.subject", "nodes.plot"}
 RUNTIMES = {"nodes.inversion", "nodes.reference", "nodes.capture", "nodes.guidance", "nodes.guidance_run",
             "nodes.inspector", "nodes.inspector_match"}
 DECLARATIONS = {"nodes.sockets", "nodes.inputs", "nodes.extension"}

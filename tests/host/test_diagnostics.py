@@ -3,7 +3,8 @@
 The figures (confidence coverage, mask area, gate > 0.5) are checked against an independent
 computation from the patch's own "match" events, against known answers (self-reference: 1/1/1; a
 zero MASK: mask area 0 and gate 0), in the DEBUG log, and on the user-facing outputs (the AMA
-Diagnostics node, its graph ui payload and the Matching Guidance Sampler's ui text).
+Diagnostics node, its graph ui payload with the plot legend, the labelled plot image, and the Matching
+Guidance Sampler's ui text).
 """
 
 from __future__ import annotations
@@ -98,6 +99,41 @@ def test_known_answers_self_reference_and_zero_mask(dm, tiny, ref_sd15, sample):
     assert all(s.rows == 2 for s in rt.last_diagnostics(b)[1])
 
 
+def legend_of(dm) -> list[str]:
+    nd = dm("nodes.node_diagnostics")
+    return [nd.AXES_TEXT, *dm("dreammatcher_core.diagnostics").legend_entries()]
+
+
+def _ink(img: torch.Tensor, box) -> int:
+    """Dark grey pixels (text, not the coloured lines) inside ``box`` of an IMAGE."""
+    left, top, right, bottom = (int(v) for v in box)
+    region = img[0, top:bottom, left:right]
+    grey = (region.amax(-1) - region.amin(-1)) < 0.15
+    return int(((region.mean(-1) < 0.55) & grey).sum())
+
+
+def _inner(chart):
+    left, top, right, bottom = chart.area
+    return left + 5, top + 5, right - 5, bottom - 5
+
+
+def _check_plot(dm, plot: torch.Tensor, patched) -> None:
+    """The node's IMAGE is the labelled chart of the run's figures: text in every label area, and each
+    figure's line through its value at each step (a colour within reach of the point)."""
+    runs, steps = dm("nodes.ama").last_diagnostics(patched)
+    chart = dm("nodes.node_diagnostics").diagnostics_chart(steps, runs)
+    assert torch.equal(chart.image, plot)
+    for part in ("title", "legend", "x_label", "y_label", "x_ticks", "y_ticks"):
+        assert _ink(plot, chart.boxes[part]) > 15, part
+    core = dm("dreammatcher_core.diagnostics")
+    for name, colour in zip(core.FIGURES, core.COLOURS, strict=True):
+        c = torch.tensor(colour)
+        for s in steps:
+            x, y = chart.to_pixel(s.step, getattr(s, name))
+            near = plot[0, max(0, int(y) - 3):int(y) + 4, max(0, int(x) - 3):int(x) + 4].reshape(-1, 3)
+            assert float((near - c).abs().max(-1).values.min()) < 0.1, (name, s)
+
+
 def test_diagnostics_node(dm, tiny, ref_sd15, sample):
     model, ref = ref_sd15
     node = dm("nodes.node_diagnostics").AMADiagnostics
@@ -107,14 +143,22 @@ def test_diagnostics_node(dm, tiny, ref_sd15, sample):
     p = patch(dm, model, ref, start_percent=0.0)
     before = node.execute(p, lat)
     assert "not sampled yet" in before.result[1]
+    assert before.ui["text"][2:] == legend_of(dm)  # the legend is there before any run, too
+    empty = dm("nodes.node_diagnostics").diagnostics_chart([], 0)
+    assert torch.equal(before.result[2], empty.image) and _ink(empty.image, _inner(empty)) > 20  # the note
     samples = sample(p, tiny.cond(7), tiny.cond(6), lat, steps=STEPS, seed=3)
     out = node.execute(p, {"samples": samples})
     latent, report, plot = out.result
     assert latent["samples"] is samples  # passed through unchanged
     assert report.startswith("AMA run #1: 7 matched steps (1..7)")
     assert len(report.splitlines()) == 2 + STEPS - 1
-    assert plot.shape == (1, 160, 320, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1
-    assert out.ui["text"] == [report] and out.ui["images"]
+    assert plot.shape == (1, 320, 512, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1
+    legend = out.ui["text"][2:]
+    assert out.ui["text"][:2] == [report, ""] and out.ui["images"]
+    assert legend[0].startswith("Plot: x = sampling step, y = fraction of the target grid")
+    assert [e.split(" (")[0] for e in legend[1:]] == ["blue: confidence coverage", "orange: mask area",
+                                                      "green: gate > 0.5"]
+    _check_plot(dm, plot, p)
     # strength 0: a clear "nothing was injected" with the reason
     p0 = patch(dm, model, ref, strength=0.0)
     sample(p0, tiny.cond(7), tiny.cond(6), lat, steps=STEPS, seed=3)
@@ -122,7 +166,7 @@ def test_diagnostics_node(dm, tiny, ref_sd15, sample):
     assert "nothing was injected" in text and "strength" in text
 
 
-def test_graph_ui_and_guidance_sampler_text(run_graph):
+def test_graph_ui_and_guidance_sampler_text(run_graph, dm):
     common = tiny_ama_graph()
     ks = dict(common)
     ks["7"] = {"class_type": "KSampler", "inputs": {
@@ -136,6 +180,8 @@ def test_graph_ui_and_guidance_sampler_text(run_graph):
     # start 0.08 of 8 ddim_uniform steps: steps 1..7 are active; step 1 has step 0's features
     assert text.startswith("AMA run #1: 7 matched steps (1..7)")
     assert out["8"]["images"][0]["type"] == "temp"
+    # the legend reaches the frontend as strings, after the report (the panel shows one per line)
+    assert out["8"]["text"][1:] == ["", *legend_of(dm)]
     mg = dict(common)
     mg["7"] = {"class_type": "DM_MatchingGuidanceSampler", "inputs": {
         "model": ["6", 0], "reference": ["5", 0], "seed": 7, "steps": STEPS, "cfg": 5.0,
