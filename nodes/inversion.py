@@ -18,7 +18,10 @@ from .reference import Reference
 
 log = logging.getLogger("dreammatcher")
 
-#: Reconstruction errors above this are flagged in the UI text.
+#: Reconstruction errors above this are flagged in the UI text, unless the model's loader declares the
+#: level its model reaches (``host.model.declared_inversion_error``): a small model can be far from an
+#: SD checkpoint's few percent at its own recommended settings, and a warning about those would only
+#: mislead.
 WARN_ERROR = 0.05
 
 
@@ -145,7 +148,12 @@ def invert_reference(model, reference: dict, reference_positive: list, steps: in
                     info={k: meta[k] for k in ("steps", "scheduler", "cfg", "recon_error", "prediction")})
     text = (f"DDIM inversion: {steps} steps ({scheduler}), cfg {cfg:g}, {latent.shape[0]} image(s), "
             f"{latent_format}. Reconstruction error: " + ", ".join(f"{e:.3%}" for e in errors))
-    if max(errors) > WARN_ERROR:
+    declared = host_model.declared_inversion_error(model)
+    level = declared[0] if declared else WARN_ERROR
+    if declared:
+        why = f", {declared[1]}" if declared[1] else ""
+        text += f" (this model: up to {level:.0%} expected{why})"
+    if max(errors) > level:
         text += (" - high: use cfg 1, more steps, and the model/LoRA you sample with.")
     log.info("DreamMatcher: %s", text)
     out_noise = {"samples": x_t.to("cpu")}

@@ -37,6 +37,30 @@ def model_fingerprint(model_patcher) -> tuple[str, str]:
     return latent, fp
 
 
+#: ``model_options`` key where a model's loader may declare the DDIM reconstruction error its model
+#: reaches at the settings it is meant for: ``{"level": 0.25, "why": "a few words"}``. DDIM Invert
+#: Reference warns above that level instead of the default (docs/host.md, "Declared inversion error").
+INVERSION_ERROR_KEY = "dreammatcher_inversion_error"
+
+
+def declared_inversion_error(model_patcher) -> tuple[float, str] | None:
+    """``(level, why)`` that the model's loader declared under :data:`INVERSION_ERROR_KEY`, else None.
+
+    A malformed entry (not a dict, no level, a level outside (0, 1)) counts as none: the default
+    warning level then applies, which errs towards warning.
+    """
+    entry = (getattr(model_patcher, "model_options", None) or {}).get(INVERSION_ERROR_KEY)
+    if not isinstance(entry, dict):
+        return None
+    try:
+        level = float(entry["level"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not 0.0 < level < 1.0:
+        return None
+    return level, str(entry.get("why", "")).strip()
+
+
 def latent_format_info(model_patcher) -> dict[str, float | str]:
     """Latent format name and its process_latent_in scale/shift (recorded in the trajectory)."""
     fmt = model_patcher.model.latent_format

@@ -58,6 +58,31 @@ def test_reconstruction_error_is_within_one_percent_at_50_steps(dm, tiny):
     assert bool((steps_moved > 0).all()), "every inversion step changes the latent"
 
 
+def test_warning_level_follows_the_level_a_model_declares(dm, tiny):
+    """Above 5% the node warns; a model whose loader declares another level is judged by that level
+    (below it: no warning; above: the warning), and the text says which level applied and why. A
+    malformed declaration is ignored (the default level applies)."""
+    host = dm("nodes.host.model")
+    model = tiny.build("sd15", 1)
+    latent = tiny.latent(3)
+    ref, _, _, text = invert(dm, model, latent, tiny.cond(1), steps=3)
+    err = ref.trajectory.meta["recon_error"]
+    assert 0.0 < err < 0.5
+    assert ("- high: use cfg 1, more steps" in text) is (err > 0.05) and "this model" not in text
+    for level, warned in ((err * 1.5, False), (err * 0.5, True)):
+        declared = model.clone()
+        declared.model_options[host.INVERSION_ERROR_KEY] = {"level": level, "why": "a test model"}
+        ref2, _, _, text2 = invert(dm, declared, latent, tiny.cond(1), steps=3)
+        assert ref2.trajectory.meta["recon_error"] == err  # the declaration changes only the verdict
+        assert f"(this model: up to {level:.0%} expected, a test model)" in text2
+        assert ("- high:" in text2) is warned, text2
+    assert host.INVERSION_ERROR_KEY not in model.model_options  # the input model is untouched
+    for bad in ("0.5", {"level": 2.0}, {"level": "x"}, {"why": "no level"}):
+        odd = model.clone()
+        odd.model_options[host.INVERSION_ERROR_KEY] = bad
+        assert host.declared_inversion_error(odd) is None
+
+
 def test_lora_changes_the_trajectory(dm, tiny):
     model = tiny.build("sd15", 1)
     lat, cond = tiny.latent(3), tiny.cond(1)
