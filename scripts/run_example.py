@@ -10,8 +10,14 @@ DDIM inversion, AMA Model Patch + Matching Guidance Sampler, the same seed on th
 the baseline, and both inspectors), shows the sampler's progress, and writes into a folder it
 prints: the DreamMatcher image(s), the baseline(s), ``comparison.png`` (reference | baseline |
 DreamMatcher, one row per image), the inspector images and ``report.txt`` (AMA's per-step
-figures). Without ``CKPT`` it runs the narrow random-weight SD1.5 checkpoint of the e2e tier:
-its images are noise, and say only that the pipeline runs.
+figures).
+
+Without ``CKPT`` it runs the miniature world instead (``run_miniworld.py``): the shipped model of
+``scripts/miniworld``, a reference rendered from ``REF_PROMPT`` and a target ``PROMPT`` in the world's
+words (defaults: the demo's ``red yellow stripes circle left`` and ``circle right``), and prints what
+each image shows as the world's classifiers read it.
+
+    make run [REF_PROMPT="red yellow stripes circle left"] [PROMPT="circle right"] [SUBJECT=circle]
 """
 
 from __future__ import annotations
@@ -34,9 +40,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import example_graphs as eg  # noqa: E402
 from comfy_env import comfy_root  # noqa: E402
-from server_fixture import ComfyServer, ServerError  # noqa: E402
+from server_fixture import ComfyServer, ServerError, link_miniworld  # noqa: E402
 
-SMOKE_STEPS, SMOKE_SIZE = 10, 128
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MODEL_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 
@@ -84,7 +89,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                  "batch", "size", "out"):
         ap.add_argument(f"--{flag}", default="")
     a = ap.parse_args(argv)
-    a.smoke = not a.ckpt
+    a.world = not a.ckpt  # no checkpoint: the miniature world's shipped model
     a.ckpt = _file(a.ckpt, "CKPT", MODEL_SUFFIXES) if a.ckpt else None
     a.ref = _file(a.ref, "REF", IMAGE_SUFFIXES) if a.ref else None
     a.lora_strength = 1.0
@@ -96,18 +101,56 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         a.lora_strength = float(strength) if strength else 1.0
         a.lora = _file(path, "LORA", MODEL_SUFFIXES)
     a.embeddings = _embeddings(a.embeddings) if a.embeddings else []
+    if a.world:
+        return _parse_world(a)
     a.prompt = a.prompt.strip() or eg.TARGET_PROMPT
     a.subject = a.subject.strip() or eg.SUBJECT
     if a.subject.lower() not in a.prompt.lower():
         raise UsageError(f"SUBJECT={a.subject!r} must appear in PROMPT={a.prompt!r}: its cross-attention "
                          "in the target prompt is the subject mask.")
     a.ref_prompt = a.ref_prompt.strip() or f"a photo of {a.subject}"
-    a.steps = _int(a.steps, "STEPS", SMOKE_STEPS if a.smoke else 50, 2)
+    a.steps = _int(a.steps, "STEPS", 50, 2)
     a.seed = _int(a.seed, "SEED", eg.SEED, 0)
     a.batch = _int(a.batch, "BATCH", 1, 1)
-    a.size = _int(a.size, "SIZE", SMOKE_SIZE if a.smoke else 512, 64)
-    if a.size % 64:
-        raise UsageError(f"SIZE must be a multiple of 64; got {a.size}.")
+    a.size = _size(a.size, 512)
+    return a
+
+
+def _size(text: str, default: int) -> int:
+    size = _int(text, "SIZE", default, 64)
+    if size % 64:
+        raise UsageError(f"SIZE must be a multiple of 64; got {size}.")
+    return size
+
+
+def _parse_world(a: argparse.Namespace) -> argparse.Namespace:
+    """The arguments of a run without ``CKPT``: the miniature world's words, sizes and defaults."""
+    import run_miniworld as mw
+
+    a.prompt = a.prompt.strip() or mw.demo_graph.TARGET_PROMPT
+    a.subject = a.subject.strip() or mw.default_subject(a.prompt)
+    if a.subject.lower() not in a.prompt.lower():
+        raise UsageError(f"SUBJECT={a.subject!r} must appear in PROMPT={a.prompt!r}: its cross-attention "
+                         "in the target prompt is the subject mask.")
+    a.steps = _int(a.steps, "STEPS", mw.demo_graph.STEPS, 2)
+    a.seed = _int(a.seed, "SEED", mw.demo_graph.SEED, 0)
+    a.batch = _int(a.batch, "BATCH", 1, 1)
+    a.size = _size(a.size, mw.SIZE)
+    files = (("REF", a.ref), ("LORA", a.lora), ("EMBEDDINGS", a.embeddings))
+    given = [name for name, value in files if value]
+    if given:
+        raise UsageError(f"{', '.join(given)} need(s) CKPT. Without CKPT the run uses the miniature world's "
+                         "model, whose reference is rendered from REF_PROMPT (its words, e.g. "
+                         f"{mw.demo_graph.REF_PROMPT!r}).")
+    if a.size != mw.SIZE:
+        raise UsageError(f"Without CKPT, SIZE is {mw.SIZE} (the miniature world's 32x32 latents); "
+                         f"got {a.size}.")
+    try:
+        mw.check_prompt(a.prompt, a.subject)
+        a.reference = mw.parse_reference(a.ref_prompt.strip() or mw.demo_graph.REF_PROMPT)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    a.ref_prompt = a.reference.prompt
     return a
 
 
@@ -159,16 +202,19 @@ async def _follow(server: ComfyServer, graph: dict) -> str:
     return prompt_id
 
 
-def _compose(out: Path, reference: Path, rows: list[tuple[Path, Path]]) -> Path:
-    """reference | baseline | DreamMatcher, one row per generated image, with a label strip."""
+def _compose(out: Path, labels: tuple[str, ...], rows: list[list[Path]]) -> Path:
+    """One labelled column per entry of ``labels``, one row per generated image, with a label strip.
+
+    Every image is shown at the size of the last column's (the DreamMatcher image).
+    """
     from PIL import Image, ImageDraw
 
-    ims = [[Image.open(p).convert("RGB") for p in (reference, base, dm)] for base, dm in rows]
-    w, h = ims[0][2].size
+    ims = [[Image.open(p).convert("RGB") for p in row] for row in rows]
+    w, h = ims[0][-1].size
     label = 18
-    sheet = Image.new("RGB", (3 * w, label + h * len(ims)), "white")
+    sheet = Image.new("RGB", (len(labels) * w, label + h * len(ims)), "white")
     draw = ImageDraw.Draw(sheet)
-    for col, text in enumerate(("reference", "baseline", "DreamMatcher")):
+    for col, text in enumerate(labels):
         draw.text((col * w + 4, 3), text, fill="black")
     for r, row in enumerate(ims):
         for col, im in enumerate(row):
@@ -176,6 +222,46 @@ def _compose(out: Path, reference: Path, rows: list[tuple[Path, Path]]) -> Path:
     dest = out / "comparison.png"
     sheet.save(dest)
     return dest
+
+
+def _checkpoint_graph(a: argparse.Namespace, server: ComfyServer, root: Path) -> tuple[dict, dict, str, Path]:
+    """The run on ``CKPT``: link the files and copy the reference.
+
+    Returns the graph, its saves (node -> role), the diagnostics node and the reference file.
+    """
+    models = server.models_dir
+    ckpt = _link(a.ckpt, models / "checkpoints")
+    lora = _link(a.lora, models / "loras") if a.lora else None
+    embeddings = [_link(f, models / "embeddings") for f in a.embeddings]
+    ref = a.ref or root / "input" / eg.REF_IMAGE
+    shutil.copy(ref, server.base / "input" / eg.REF_IMAGE)
+    graph = eg.run_graph(ckpt=ckpt, steps=a.steps, size=a.size, prompt=a.prompt, subject=a.subject,
+                         ref_prompt=a.ref_prompt, seed=a.seed, batch=a.batch, lora=lora,
+                         lora_strength=a.lora_strength)
+    print(f"[run] ComfyUI {root} ({'GPU' if not server.cpu else 'CPU'}); checkpoint {ckpt}"
+          + (f", LoRA {lora} @ {a.lora_strength}" if lora else "")
+          + (f", embeddings {', '.join(embeddings)}" if embeddings else "")
+          + f"; {a.steps} steps at {a.size}², seed {a.seed}, batch {a.batch}")
+    print(f"[run] reference {ref}; prompt {a.prompt!r}; subject {a.subject!r}")
+    return graph, eg.RUN_SAVES, "15", ref
+
+
+def _world_graph(a: argparse.Namespace, server: ComfyServer, root: Path) -> tuple[dict, dict, str, str]:
+    """The run without ``CKPT``: the demo nodes linked into the server, and the world's graph.
+
+    Returns the graph, its saves (node -> role), the diagnostics node and the shipped model's palette.
+    """
+    import run_miniworld as mw
+
+    link_miniworld(server.base)
+    palette = mw.shipped_palette()
+    built = mw.build(reference=a.reference, prompt=a.prompt, subject=a.subject, steps=a.steps, seed=a.seed,
+                     batch=a.batch, palette=palette)
+    print(f"[run] no CKPT: the miniature world's shipped model ({mw.WEIGHTS}, palette {palette}) on ComfyUI "
+          f"{root} ({'GPU' if not server.cpu else 'CPU'}); {a.steps} steps at {a.size}² (32x32 latents), "
+          f"seed {a.seed}, batch {a.batch}")
+    print(f"[run] reference rendered from {a.ref_prompt!r}; prompt {a.prompt!r}; subject {a.subject!r}")
+    return built.graph, built.saves, built.diagnostics, palette
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,29 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dm-run-") as tmp:
         server = ComfyServer(root, Path(tmp), cpu=not _has_cuda(sys.executable))
         server.prepare()
-        models = server.models_dir
-        if a.smoke:
-            import checkpoints
-
-            cache = REPO / ".host" / "cache"
-            cache.mkdir(parents=True, exist_ok=True)
-            ckpt = "dm_narrow_sd15.safetensors"
-            print("[run] no CKPT: building/using the narrow random-weight SD1.5 checkpoint (cached)")
-            checkpoints.narrow_sd15(models / "checkpoints" / ckpt, root, server.python, cache)
+        if a.world:
+            graph, saves, diagnostics, palette = _world_graph(a, server, root)
         else:
-            ckpt = _link(a.ckpt, models / "checkpoints")
-        lora = _link(a.lora, models / "loras") if a.lora else None
-        embeddings = [_link(f, models / "embeddings") for f in a.embeddings]
-        ref = a.ref or root / "input" / eg.REF_IMAGE
-        shutil.copy(ref, server.base / "input" / eg.REF_IMAGE)
-        graph = eg.run_graph(ckpt=ckpt, steps=a.steps, size=a.size, prompt=a.prompt, subject=a.subject,
-                             ref_prompt=a.ref_prompt, seed=a.seed, batch=a.batch, lora=lora,
-                             lora_strength=a.lora_strength)
-        print(f"[run] ComfyUI {root} ({'GPU' if not server.cpu else 'CPU'}); checkpoint {ckpt}"
-              + (f", LoRA {lora} @ {a.lora_strength}" if lora else "")
-              + (f", embeddings {', '.join(embeddings)}" if embeddings else "")
-              + f"; {a.steps} steps at {a.size}², seed {a.seed}, batch {a.batch}")
-        print(f"[run] reference {ref}; prompt {a.prompt!r}; subject {a.subject!r}")
+            graph, saves, diagnostics, ref = _checkpoint_graph(a, server, root)
         t0 = time.perf_counter()
         server.start()
         try:
@@ -227,27 +294,35 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
         saved: dict[str, list[Path]] = {}
-        for node, role in eg.RUN_SAVES.items():
+        for node, role in saves.items():
             for i, img in enumerate(entry["outputs"].get(node, {}).get("images", [])):
                 src = server.output_dir / img.get("subfolder", "") / img["filename"]
                 dest = out / f"{role}_{i + 1}.png"
                 shutil.copy(src, dest)
                 saved.setdefault(role, []).append(dest)
-        shutil.copy(ref, out / f"reference{ref.suffix.lower()}")
-        report = "\n".join(entry["outputs"].get("15", {}).get("text", []))
+        report = "\n".join(entry["outputs"].get(diagnostics, {}).get("text", []))
         (out / "report.txt").write_text(report + "\n", encoding="utf-8")
-        comparison = _compose(out, ref, list(zip(saved["baseline"], saved["dreammatcher"], strict=True)))
+        if a.world:
+            import run_miniworld as mw
+
+            labels = mw.LABELS
+            rows = [[saved["reference"][0], *row] for row in
+                    zip(saved["baseline"], saved["ama"], saved["dreammatcher"], strict=True)]
+        else:
+            shutil.copy(ref, out / f"reference{ref.suffix.lower()}")
+            labels = ("reference", "baseline", "DreamMatcher")
+            rows = [[ref, *row] for row in zip(saved["baseline"], saved["dreammatcher"], strict=True)]
+        comparison = _compose(out, labels, rows)
     print(f"[run] done in {time.perf_counter() - t0:.1f} s. Images in {out}:")
     for role, paths in saved.items():
         print(f"  {role}: {', '.join(p.name for p in paths)}")
-    print(f"  comparison: {comparison.name} (reference | baseline | DreamMatcher)\n  report: report.txt")
+    print(f"  comparison: {comparison.name} ({' | '.join(labels)})\n  report: report.txt")
     if report:
         print("[run] AMA per step:\n" + report)
-    if a.smoke:
-        print("[run] NOTE: these images come from RANDOM weights (no CKPT given). They are noise and say "
-              "nothing about quality; they show that inversion, AMA, guidance, the baseline and the "
-              "inspectors ran end to end. Pass CKPT=<your SD1.5 checkpoint> REF=<a photo of your subject> "
-              "for real images.")
+    if a.world:
+        print(mw.meaning(saved, a.reference, a.prompt, palette))
+        print("[run] Pass CKPT=<your SD1.5 checkpoint> REF=<a photo of your subject> PROMPT=... SUBJECT=... "
+              "for your own images.")
     else:
         print("[run] The DreamMatcher image should keep the baseline's layout and take the reference's "
               "appearance; the inspectors show where the subject was matched (composite, flow) and what "

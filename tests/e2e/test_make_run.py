@@ -9,6 +9,7 @@ start-up, model-folder linking and websocket progress.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -82,12 +83,27 @@ def test_make_run_with_a_textual_inversion_subject(e2e_models, comfy_server, tmp
     assert (out / "dreammatcher_1.png").is_file() and "AMA run #1" in (out / "report.txt").read_text()
 
 
-def test_make_run_without_checkpoint_says_what_the_images_are(e2e_models, tmp_path):
-    out = tmp_path / "smoke"
-    proc = _run(["--steps", "2", "--size", "64", "--out", str(out)])
+def test_make_run_without_checkpoint_runs_the_miniature_world(tmp_path):
+    """No CKPT: the shipped miniature model, a rendered reference, and the images explained in words."""
+    from PIL import Image
+
+    out = tmp_path / "world"
+    proc = _run(["--ref-prompt", "red yellow stripes circle left", "--prompt", "circle right",
+                 "--steps", "6", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr
-    assert "no CKPT" in proc.stdout and "RANDOM weights" in proc.stdout
-    assert (out / "dreammatcher_1.png").is_file() and (out / "comparison.png").is_file()
+    text = proc.stdout
+    assert "no CKPT: the miniature world's shipped model" in text and "RANDOM weights" not in text
+    assert "What the images mean" in text and "reference's colours" in text
+    for role in ("reference", "baseline", "ama", "dreammatcher"):
+        assert f"{role}_1" in text or role == "reference", f"{role} not explained"
+        assert (out / f"{role}_1.png").is_file(), f"{role}_1.png missing"
+    for stem in ("inspect_match_composite", "inspect_match_flow", "inspect_features_dreammatcher"):
+        assert (out / f"{stem}_1.png").is_file(), f"{stem}_1.png missing"
+    side = Image.open(out / "dreammatcher_1.png").size
+    assert side == (256, 256), side  # 32x32 enlarged 8x, as the demo shows them
+    assert Image.open(out / "comparison.png").size == (4 * 256, 18 + 256)
+    # the patch runs under KSampler and the guidance sampler; the report is of whichever ran last
+    assert re.search(r"AMA run #[12]: 6 matched steps", (out / "report.txt").read_text())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -97,6 +113,9 @@ def test_make_run_without_checkpoint_says_what_the_images_are(e2e_models, tmp_pa
     (["--steps", "many"], "not a whole number"),
     (["--size", "100"], "multiple of 64"),
     (["--embeddings", "/nonexistent/emb.safetensors"], "no such file"),
+    (["--ref-prompt", "purple dog"], "REF_PROMPT"),
+    (["--prompt", "circle on the moon"], "PROMPT"),
+    (["--size", "512"], "SIZE is 256"),
 ])
 def test_make_run_rejects_bad_input_before_starting(args, message):
     t0 = time.perf_counter()
