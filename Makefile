@@ -5,7 +5,8 @@
 #   make serve    start the embedded ComfyUI with this pack on http://127.0.0.1:8188
 #   make run CKPT=model.safetensors REF=photo.png PROMPT="..." SUBJECT="..." [LORA=f[:w] EMBEDDINGS=
 #                 STEPS= SEED= BATCH= SIZE= REF_PROMPT= OUT=]  the full method and its baseline headless, with the inspectors
-#                 (without CKPT: a random-weight smoke checkpoint; the images are noise)
+#                 (without CKPT: the miniature world's shipped model, a reference rendered from REF_PROMPT
+#                 and PROMPT in its words; it prints what each image shows)
 #   make bench    AMA / bank / batch / guidance cost vs plain ComfyUI sampling (ratios; writes
 #                 benchmarks/out/bench.json)
 #   make profile  where an AMA sampling spends its time (cProfile, per stage)
@@ -34,13 +35,13 @@ lint: setup
 test: setup
 	@bash scripts/setup_tools.sh
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests -q -ra
+	$(PY) -m pytest tests -q -ra --durations=20
 
 COMPAT_TIERS ?= tests/host tests/e2e tests/browser
 
 test-compat: setup
 	@root="$$(bash scripts/setup_compat.sh)" && echo "[compat] ComfyUI at $$root" && \
-	  COMFYUI_PATH="$$root" .venv-compat/bin/python -m pytest $(COMPAT_TIERS) -q -ra
+	  COMFYUI_PATH="$$root" .venv-compat/bin/python -m pytest $(COMPAT_TIERS) -q -ra --durations=20
 
 serve: setup
 	@bash scripts/serve.sh $(PORT) "$(SERVE_BASE)"

@@ -119,7 +119,7 @@ def narrow_sd15(dest: Path, comfy_root: Path, python: str, cache_dir: Path | Non
     hard- or sym-linked into ``dest``; older cached versions are removed.
     """
     return _link_cached(dest, cache_key(comfy_root), "checkpoint", "narrow SD1.5 checkpoint",
-                        comfy_root, python, cache_dir, keep=1, timeout=600)
+                        comfy_root, python, cache_dir, keep=2, timeout=600)
 
 
 def narrow_sdxl(dest: Path, comfy_root: Path, python: str, cache_dir: Path | None) -> Path:
