@@ -63,6 +63,10 @@ class Group:
     #: (node id, column offset inside the group); nodes sharing a column stack in this order (a
     #: list, because JavaScript objects put integer-like keys in numeric order)
     nodes: list[tuple[str, int]] = field(default_factory=list)
+    #: node id -> (width, height) to give it before placing (e.g. a preview large enough to read)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: node id -> the title it shows instead of its display name
+    titles: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

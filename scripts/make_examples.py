@@ -36,7 +36,8 @@ VIEWPORT = {"width": 2400, "height": 1400}
 #: Places every node: column x from the widest node of each column, nodes of one group and column
 #: stacked, band-1 groups below the band-0 groups they share columns with; then a Note at the top
 #: of each group's first column and the group's rectangle around its members. Fixes every
-#: "control after generate" widget so the DreamMatcher image and its baseline share the seed.
+#: "control after generate" widget so the DreamMatcher image and its baseline share the seed. A
+#: group may give a node its size (a preview large enough to read) and its title before placing.
 LAYOUT_JS = """([layout]) => {
     const LG = window.LiteGraph;
     const g = window.app.graph;
@@ -56,6 +57,8 @@ LAYOUT_JS = """([layout]) => {
         for (const [id, off] of grp.nodes) {
             const node = g.getNodeById(Number(id));
             if (!node) throw new Error('layout names node ' + id + ' that the graph lacks');
+            if (grp.sizes[id]) node.size = [...grp.sizes[id]];
+            if (grp.titles[id]) node.title = grp.titles[id];
             list.push([node, off]);
         }
         return list;

@@ -36,9 +36,19 @@ NOTE_GENERATE = (
     "(fast mode). 32x32 latents: Empty Latent Image at 256x256 pixels gives them."
 )
 NOTE_COMPARE = (
-    "The same seed without DreamMatcher. The preview shows reference | baseline | AMA | AMA + "
-    "matching guidance, enlarged 8x."
+    "The same seed without DreamMatcher, and the four images batched in order for the comparison "
+    "in Results."
 )
+NOTE_RESULTS = (
+    "Reference | baseline | AMA | AMA + matching guidance, enlarged 8x; then AMA Diagnostics: what AMA "
+    "matched and injected at each step (its legend names the lines). Press Run (about 25 seconds on 2 "
+    "CPU cores)."
+)
+#: The comparison preview's title and size: four 256-pixel images in one row, readable at load.
+COMPARE_TITLE = "Compare: reference | baseline | AMA | AMA + guidance"
+COMPARE_SIZE = (840, 270)
+#: AMA Diagnostics' size: its report panel and the 512x320 plot.
+DIAGNOSTICS_SIZE = (520, 640)
 
 
 def _node(cls: str, **inputs) -> dict:
@@ -156,7 +166,7 @@ def layout() -> Layout:
                 6,
                 NOTE_GENERATE,
                 color="#335566",
-                nodes=[("9", 0), ("10", 1), ("14", 1), ("11", 2), ("12", 3), ("15", 3), ("13", 4), ("16", 4)],
+                nodes=[("9", 0), ("10", 1), ("14", 1), ("12", 2), ("15", 2), ("13", 3), ("16", 3)],
             ),
             Group(
                 "Compare",
@@ -172,8 +182,16 @@ def layout() -> Layout:
                     ("21", 2),
                     ("22", 3),
                     ("23", 4),
-                    ("24", 5),
                 ],
+            ),
+            Group(
+                "Results",
+                12,
+                NOTE_RESULTS,
+                color="#7a5c1e",
+                nodes=[("24", 0), ("11", 1)],
+                sizes={"24": COMPARE_SIZE, "11": DIAGNOSTICS_SIZE},
+                titles={"24": COMPARE_TITLE},
             ),
         ]
     )

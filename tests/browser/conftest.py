@@ -48,8 +48,10 @@ def frontend(comfy_server, request):
 
 
 @contextlib.contextmanager
-def open_frontend(server, extra: dict | None = None, path: str = "/"):
-    """Chromium on ``server.url + path`` with the app ready (see :func:`frontend`)."""
+def open_frontend(server, extra: dict | None = None, path: str = "/",
+                  viewport: tuple[int, int] = (1600, 1000)):
+    """Chromium on ``server.url + path`` with the app ready (see :func:`frontend`), in a ``viewport``
+    (width, height) window."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"no Chromium at {CHROMIUM}: run `make test` (it installs Debian's chromium) "
                     "or `apt-get install -y chromium`, or set DM_CHROMIUM")
@@ -63,7 +65,7 @@ def open_frontend(server, extra: dict | None = None, path: str = "/"):
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
                                      timeout=60_000)
         try:
-            context = browser.new_context(viewport={"width": 1600, "height": 1000})
+            context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
             context.route("**/*", lambda route: route.continue_()
                           if route.request.url.startswith(server.url) else route.abort())
             page = context.new_page()

@@ -88,9 +88,14 @@ def test_diagnostics_and_invert_text_shown_on_the_nodes(frontend, comfy_server, 
     assert head, diag
     n = int(head.group(1))
     assert n >= STEPS - 1 and int(head.group(2)) == n
-    rows = diag.splitlines()[2:]
+    lines = diag.splitlines()
+    rows = lines[2:2 + n]
     assert len(rows) == n and [int(r.split()[0]) for r in rows] == list(range(1, n + 1))
     assert all(r.split()[2].endswith("%") for r in rows)
+    # after the table: what the plot's axes are, and its legend, one line per curve
+    legend = [line for line in lines[2 + n:] if line.strip()]
+    assert legend[0].startswith("Plot: x = sampling step, y = fraction of the target grid"), legend
+    assert [line.split(":")[0] for line in legend[1:]] == ["blue", "orange", "green"], legend
     assert "reconstruction" in reports["DM_InvertReference"].lower(), reports
     assert fits[0] > 0 and fits[1] <= fits[0] + 2, fits
     assert not widgets, widgets
