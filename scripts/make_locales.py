@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -115,6 +116,25 @@ def key_differences(english_files: dict[str, dict], lang_dir: Path) -> tuple[set
     return want - have, have - want
 
 
+_GENERATED_ID = re.compile(r"_\d+_.+_")
+
+
+def node_info(cls) -> dict:
+    """``cls.GET_NODE_INFO_V1()`` with every output named by its schema name, on every host.
+
+    An output declared without a display name is reported by ComfyUI 0.3.75 under its type
+    (``LATENT``, ``DM_REFERENCE``) and by 0.28.2 under its id (``inverted_noise``, ``reference``). The
+    generated texts must not depend on the host, and the id says what the output is, so the display
+    name, else the id, else the type is used (what 0.28.2 shows without translations).
+    """
+    info = dict(cls.GET_NODE_INFO_V1())
+    outputs = cls.GET_SCHEMA().outputs or []
+    # an output declared without an id gets a generated one (``_0_LATENT_``): its type names it then
+    info["output_name"] = [o.display_name or (o.id if o.id and not _GENERATED_ID.fullmatch(o.id) else None)
+                           or o.io_type for o in outputs]
+    return info
+
+
 def live_infos() -> dict[str, dict]:
     """``{node_id: GET_NODE_INFO_V1()}`` of every pack node in menu order, from an in-process host."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -127,7 +147,7 @@ def live_infos() -> dict[str, dict]:
     extension = importlib.import_module(pack_module + ".nodes.extension")
     infos = {}
     for cls in extension.node_classes():
-        info = cls.GET_NODE_INFO_V1()
+        info = node_info(cls)
         infos[info["name"]] = info
     return infos
 

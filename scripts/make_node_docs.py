@@ -169,10 +169,12 @@ def live_infos() -> dict[str, dict]:
     _, _, pack_module = boot_in_process(base, cpu=True, extras=False)
     import importlib
 
+    from make_locales import node_info  # outputs named alike on every host
+
     extension = importlib.import_module(pack_module + ".nodes.extension")
     infos = {}
     for cls in extension.node_classes():
-        info = cls.GET_NODE_INFO_V1()
+        info = node_info(cls)
         infos[info["name"]] = info
     return infos
 

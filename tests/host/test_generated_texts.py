@@ -22,9 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def infos(dm) -> dict[str, dict]:
     """``{node id: GET_NODE_INFO_V1()}`` of every node the pack registers, in menu order."""
+    node_info = _script("make_locales").node_info
     out = {}
     for cls in dm("nodes.extension").node_classes():
-        info = cls.GET_NODE_INFO_V1()
+        info = node_info(cls)
         out[info["name"]] = info
     return out
 
