@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from make_locales import live_infos  # noqa: E402  (the same in-process boot, outputs named alike)
+
 DOCS = REPO / "web" / "docs"
 
 #: Combo inputs whose choices come from the host or the disk, not from the pack: the tables name the
@@ -158,25 +160,6 @@ def skeleton(node_id: str, info: dict) -> str:
             f"## Inputs\n\n{begin_marker('inputs')}\n{end_marker('inputs')}\n\n"
             f"## Outputs\n\n{begin_marker('outputs')}\n{end_marker('outputs')}\n\n"
             "## Typical mistakes\n\n")
-
-
-def live_infos() -> dict[str, dict]:
-    """``{node_id: GET_NODE_INFO_V1()}`` of every pack node, from ComfyUI booted in this process."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from comfy_env import boot_in_process
-
-    base = Path(tempfile.mkdtemp(prefix="dm-node-docs-"))
-    _, _, pack_module = boot_in_process(base, cpu=True, extras=False)
-    import importlib
-
-    from make_locales import node_info  # outputs named alike on every host
-
-    extension = importlib.import_module(pack_module + ".nodes.extension")
-    infos = {}
-    for cls in extension.node_classes():
-        info = node_info(cls)
-        infos[info["name"]] = info
-    return infos
 
 
 def main() -> int:
