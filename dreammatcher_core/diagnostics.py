@@ -138,8 +138,8 @@ def format_table(steps: Sequence[StepFigures]) -> str:
 def legend_entries() -> list[str]:
     """The plot's legend as text, one entry per figure: its colour, name and what it measures.
 
-    The node shows these beside the image, so the plot can be read without the documentation (and a
-    screen reader or a colour-blind user gets the same information as text).
+    The node returns these as strings beside the image (its UI output's ``legend``), so the plot can be
+    read without the documentation, and a screen reader or a colour-blind user gets the same as text.
     """
     rows = zip(COLOUR_NAMES, LABELS, MEANINGS, strict=True)
     return [f"{colour}: {label} ({meaning})" for colour, label, meaning in rows]

@@ -6,7 +6,7 @@ The patch node itself runs *before* sampling, so it cannot show them; this node 
 output LATENT only to run *after* it, passes it through unchanged, and shows the figures as text and
 a plot on the node (and as STRING / IMAGE outputs). The plot has a title, axes with their units
 (sampling step; fraction of the target grid), labelled ticks and a legend, drawn with Pillow
-(:mod:`.plot`); the legend's entries also go to the node's text panel, after the table.
+(:mod:`.plot`); the legend's entries also go to the node's UI output as strings (``legend``).
 
 Input names and order are a public contract (saved workflows).
 """
@@ -25,7 +25,7 @@ io = require_node_api().io
 PLOT_SIZE = (512, 320)
 #: Line widths (output px) in the core's figure order: wider under narrower, so coinciding lines all show.
 LINE_WIDTHS = (5.0, 3.0, 1.5)
-#: What the plot's axes are, for the node's text panel (the legend entries follow it).
+#: What the plot's axes are, first of the legend strings in the node's UI output.
 AXES_TEXT = "Plot: x = sampling step, y = fraction of the target grid (0 to 1)."
 
 
@@ -120,8 +120,8 @@ class AMADiagnostics(io.ComfyNode):
         text, steps = diagnostics_report(model)
         image = diagnostics_chart(steps, patch_of(model).runs).image
         api = require_node_api()
-        # the text panel shows the strings one per line: the report, then what the plot's axes and
-        # colours are (the same words as in the image)
+        # what the plot's axes and colours are, in the image's words, as strings of their own: for the
+        # API and a screen reader; the text panel keeps to the report, which it has to fit
         legend = [AXES_TEXT, *core_diag.legend_entries()]
-        ui = {"text": [text, "", *legend], "images": api.ui.PreviewImage(image, cls=cls).values}
+        ui = {"text": [text], "legend": legend, "images": api.ui.PreviewImage(image, cls=cls).values}
         return io.NodeOutput(latent, text, image, ui=ui)

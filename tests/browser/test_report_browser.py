@@ -41,6 +41,20 @@ def _graph(ckpt: str, image: str) -> dict:
     }
 
 
+def check_report(diag: str) -> None:
+    """The AMA Diagnostics panel's text: the run's head line, one table row per matched step (window
+    from 0: every step but the first, which has no previous-step features; ComfyUI's ddim_uniform can
+    give one step more than asked, so the count is read from the head line), and nothing after it."""
+    head = re.match(r"AMA run #\d+: (\d+) matched steps \(1\.\.(\d+)\)", diag)
+    assert head, diag
+    n = int(head.group(1))
+    assert n >= STEPS - 1 and int(head.group(2)) == n
+    lines = diag.splitlines()
+    rows = lines[2:]
+    assert len(rows) == n and [int(r.split()[0]) for r in rows] == list(range(1, n + 1))
+    assert all(r.split()[2].endswith("%") for r in rows)
+
+
 def test_diagnostics_and_invert_text_shown_on_the_nodes(frontend, comfy_server, e2e_models):  # noqa: F811
     from images import write_reference_png
 
@@ -82,20 +96,7 @@ def test_diagnostics_and_invert_text_shown_on_the_nodes(frontend, comfy_server, 
     page.screenshot(path=str(shot_dir / "diagnostics_report.png"), full_page=True)
     print(f"\nscreenshot: {shot_dir / 'diagnostics_report.png'}\n{reports['DM_AMADiagnostics']}")
     diag = reports["DM_AMADiagnostics"]
-    # window from 0: every step but the first (it has no previous-step features) is matched; ComfyUI's
-    # ddim_uniform can give one step more than asked, so the count is read from the table itself
-    head = re.match(r"AMA run #\d+: (\d+) matched steps \(1\.\.(\d+)\)", diag)
-    assert head, diag
-    n = int(head.group(1))
-    assert n >= STEPS - 1 and int(head.group(2)) == n
-    lines = diag.splitlines()
-    rows = lines[2:2 + n]
-    assert len(rows) == n and [int(r.split()[0]) for r in rows] == list(range(1, n + 1))
-    assert all(r.split()[2].endswith("%") for r in rows)
-    # after the table: what the plot's axes are, and its legend, one line per curve
-    legend = [line for line in lines[2 + n:] if line.strip()]
-    assert legend[0].startswith("Plot: x = sampling step, y = fraction of the target grid"), legend
-    assert [line.split(":")[0] for line in legend[1:]] == ["blue", "orange", "green"], legend
+    check_report(diag)
     assert "reconstruction" in reports["DM_InvertReference"].lower(), reports
     assert fits[0] > 0 and fits[1] <= fits[0] + 2, fits
     assert not widgets, widgets

@@ -11,7 +11,6 @@ elements and work. A frontend that does not offer the setting skips the module.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from inspector_hover import assert_marker, hover_target
 from test_frontend import _workflows
 from test_inspector_browser import SHOT_ENV, _write_images, e2e_models  # noqa: F401  (fixture)
 from test_inspector_browser import _graph as inspector_graph
-from test_report_browser import SIZE, STEPS
+from test_report_browser import SIZE, check_report
 from test_report_browser import _graph as report_graph
 
 VUE_SETTING = "Comfy.VueNodes.Enabled"
@@ -151,12 +150,7 @@ def test_report_panel_in_vue_nodes(comfy_server, vue_page, e2e_models):  # noqa:
     fits = page.evaluate(f"() => {{ const p = document.querySelector(\"{sel}\"); "
                          "return [p.clientHeight, p.scrollHeight]; }")
     page.screenshot(path=str(_shot_dir(comfy_server) / "vue_diagnostics_report.png"))
-    head = re.match(r"AMA run #\d+: (\d+) matched steps \(1\.\.(\d+)\)", text)
-    assert head, text
-    n = int(head.group(1))
-    assert n >= STEPS - 1 and int(head.group(2)) == n
-    rows = text.splitlines()[2:]
-    assert len(rows) == n and [int(r.split()[0]) for r in rows] == list(range(1, n + 1))
+    check_report(text)
     assert rect["width"] > 50 and rect["height"] > 20, rect
     assert fits[0] > 0 and fits[1] <= fits[0] + 2, fits
     assert not [e for e in errors if "dreammatcher" in e.lower()], errors

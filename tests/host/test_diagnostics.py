@@ -143,7 +143,7 @@ def test_diagnostics_node(dm, tiny, ref_sd15, sample):
     p = patch(dm, model, ref, start_percent=0.0)
     before = node.execute(p, lat)
     assert "not sampled yet" in before.result[1]
-    assert before.ui["text"][2:] == legend_of(dm)  # the legend is there before any run, too
+    assert before.ui["legend"] == legend_of(dm)  # the legend is there before any run, too
     empty = dm("nodes.node_diagnostics").diagnostics_chart([], 0)
     assert torch.equal(before.result[2], empty.image) and _ink(empty.image, _inner(empty)) > 20  # the note
     samples = sample(p, tiny.cond(7), tiny.cond(6), lat, steps=STEPS, seed=3)
@@ -153,8 +153,8 @@ def test_diagnostics_node(dm, tiny, ref_sd15, sample):
     assert report.startswith("AMA run #1: 7 matched steps (1..7)")
     assert len(report.splitlines()) == 2 + STEPS - 1
     assert plot.shape == (1, 320, 512, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1
-    legend = out.ui["text"][2:]
-    assert out.ui["text"][:2] == [report, ""] and out.ui["images"]
+    legend = out.ui["legend"]
+    assert out.ui["text"] == [report] and out.ui["images"]
     assert legend[0].startswith("Plot: x = sampling step, y = fraction of the target grid")
     assert [e.split(" (")[0] for e in legend[1:]] == ["blue: confidence coverage", "orange: mask area",
                                                       "green: gate > 0.5"]
@@ -180,8 +180,8 @@ def test_graph_ui_and_guidance_sampler_text(run_graph, dm):
     # start 0.08 of 8 ddim_uniform steps: steps 1..7 are active; step 1 has step 0's features
     assert text.startswith("AMA run #1: 7 matched steps (1..7)")
     assert out["8"]["images"][0]["type"] == "temp"
-    # the legend reaches the frontend as strings, after the report (the panel shows one per line)
-    assert out["8"]["text"][1:] == ["", *legend_of(dm)]
+    # the legend reaches the frontend as strings of their own; the panel's text is the report alone
+    assert out["8"]["legend"] == legend_of(dm) and out["8"]["text"] == [text]
     mg = dict(common)
     mg["7"] = {"class_type": "DM_MatchingGuidanceSampler", "inputs": {
         "model": ["6", 0], "reference": ["5", 0], "seed": 7, "steps": STEPS, "cfg": 5.0,
